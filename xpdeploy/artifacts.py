@@ -1,0 +1,215 @@
+"""Typed artifacts that flow between stages (design.md section 2).
+
+Artifacts are pydantic models so that they serialise to JSON (``artifact.json`` in each stage folder)
+and validate when read back. File references are strings **relative to the run folder**, so a run
+folder (or a device bundle made from it) can be moved and still resolves; stages turn them into paths
+with ``run_dir / ref``. An artifact's digest covers its JSON and the content of every file it names,
+which is what the resume logic compares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from xpdeploy.fileio import sha256_file, sha256_json
+
+ARTIFACT_SCHEMA = 1
+
+
+class Artifact(BaseModel):
+    """Base: frozen JSON-able record with the list of files it owns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def files(self) -> list[str]:
+        """Run-folder-relative paths of the files this artifact owns (hashed into its digest)."""
+        return []
+
+    def digest(self, run_dir: Path) -> str:
+        """sha256 over the artifact's JSON and the content of its files."""
+        content = {ref: sha256_file(run_dir / ref) for ref in self.files()}
+        return sha256_json({"artifact": self.model_dump(mode="json"), "files": content})
+
+
+class DataConfig(BaseModel):
+    """How images become model input; one preprocessing function reads it for every backend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_size: tuple[int, int, int] = Field(description="(channels, height, width) in pixels")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
+    crop_pct: float = Field(1.0, description="centre crop: resize the short side to size/crop_pct")
+
+
+class BlockShape(BaseModel):
+    """Prunable structure of one transformer block."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+
+
+class ArchSpec(BaseModel):
+    """Everything needed to rebuild a model from ``arch.json`` + safetensors with strict loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timm_name: str
+    kwargs: dict[str, object] = Field(default_factory=dict)
+    num_classes: int
+    embed_dim: int | None = None
+    blocks: list[BlockShape] = Field(default_factory=list)
+
+
+class TorchModel(Artifact):
+    """A PyTorch model on disk: arch.json + model.safetensors, with its costs and accuracy."""
+
+    label: str = Field(description="'original', later 'pruned'")
+    arch_file: str
+    weights_file: str
+    arch: ArchSpec
+    data_config: DataConfig
+    gmacs: float = Field(description="multiply-accumulates of one image, in 1e9 (design.md sec. 6)")
+    params_m: float = Field(description="parameters, in millions")
+    top1: float | None = Field(None, description="val top-1 in percent; None on synthetic data")
+    top1_samples: int = 0
+    epochs_trained: int = 0
+
+    def files(self) -> list[str]:
+        return [self.arch_file, self.weights_file]
+
+
+class VerifySet(Artifact):
+    """The fixed verification batch (.npz with ``pixels`` float32 NCHW and ``labels`` int64)."""
+
+    file: str
+    samples: int
+    num_classes: int
+    source: str
+    synthetic: bool = Field(description="True: labels are random; no accuracy may be reported")
+    class_names: list[str] = Field(default_factory=list)
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+
+class OnnxModel(Artifact):
+    """An ONNX file with its interface and the checks it passed."""
+
+    label: str
+    file: str
+    opset: int
+    input_name: str = "pixels"
+    output_name: str = "logits"
+    dynamic_batch: bool = True
+    nodes: int
+    simplified: bool = False
+    nodes_before_simplify: int | None = None
+    max_abs_diff: float = Field(description="vs the model it came from, on the verify set")
+    gmacs: float
+    params_m: float
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+
+class OnnxModels(Artifact):
+    """All ONNX files a stage produced, keyed by label ('original', 'pruned', ...)."""
+
+    models: dict[str, OnnxModel]
+
+    def files(self) -> list[str]:
+        return [ref for m in self.models.values() for ref in m.files()]
+
+
+class LatencyStats(BaseModel):
+    """Latency of one runner at one batch size, in milliseconds per batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    iters: int
+    throughput: float = Field(description="images per second at the median latency")
+
+
+class GateResult(BaseModel):
+    """One pass/fail check of a candidate against the original."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    value: float | None
+    limit: float
+    passed: bool
+    detail: str = ""
+
+
+class CandidateResult(BaseModel):
+    """Parity and speed of one candidate artifact vs the original model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    runner: str
+    artifact: str
+    gmacs: float
+    params_m: float
+    top1: float | None
+    top1_delta: float | None
+    agreement: float = Field(description="share of samples whose top-1 class equals the original's")
+    max_abs_diff: float
+    mean_abs_diff: float
+    cosine: float = Field(description="mean cosine similarity of logit vectors vs the original")
+    latency_ms: list[LatencyStats]
+    baseline_latency_ms: list[LatencyStats] = Field(
+        description="the original, timed interleaved with this candidate in the same process"
+    )
+    speedup: dict[int, float] = Field(description="batch -> original p50 / candidate p50")
+    gates: list[GateResult]
+    passed: bool
+
+
+class ParityReport(Artifact):
+    """Outcome of ``verify``: its truth value is the overall verdict."""
+
+    file: str
+    original_name: str
+    original_runner: str
+    original_top1: float | None
+    original_gmacs: float
+    original_params_m: float
+    samples: int
+    data_source: str
+    synthetic: bool
+    threads: int
+    candidates: list[CandidateResult]
+    passed: bool
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+class RunReport(Artifact):
+    """Files written by ``report``: report.json, report.md and plots at the run folder's root."""
+
+    json_file: str
+    markdown_file: str
+    plots: list[str]
+    status: Literal["passed", "failed"]
+
+    def files(self) -> list[str]:
+        return [self.json_file, self.markdown_file, *self.plots]

@@ -19,6 +19,13 @@ from typing import Any
 _CHUNK = 1 << 20  # 1 MiB read size for hashing
 
 
+def _default_mode() -> int:
+    """File mode a plain ``open()`` would give (mkstemp's 0600 would hide outputs from others)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it over ``target`` if the block succeeds.
@@ -35,6 +42,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _default_mode())
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

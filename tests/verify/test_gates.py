@@ -1,0 +1,101 @@
+"""Each gate passing and failing, disabled gates, and the synthetic skip of the top-1 gate."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from xpdeploy.spec import GatesConfig
+from xpdeploy.verify.gates import SKIPPED_SYNTHETIC, evaluate_gates
+
+GOOD: dict[str, Any] = {
+    "top1_delta": -0.2,
+    "agreement": 0.995,
+    "max_abs_diff": 1e-4,
+    "cosine": 0.99999,
+    "speedup": {1: 1.5, 32: 1.8},
+    "synthetic": False,
+}
+ALL_ON = GatesConfig(min_speedup=1.2)
+
+
+def by_name(results: list[Any]) -> dict[str, Any]:
+    return {r.name: r for r in results}
+
+
+def test_defaults_all_pass_and_min_speedup_is_off() -> None:
+    res = evaluate_gates(GatesConfig(), **GOOD)
+    assert [r.name for r in res] == ["max_top1_drop", "min_agreement", "max_abs_diff", "min_cosine"]
+    assert all(r.passed for r in res)
+
+
+def test_disabled_gates_yield_nothing() -> None:
+    off = GatesConfig(
+        max_top1_drop=None, min_agreement=None, max_abs_diff=None, min_cosine=None, min_speedup=None
+    )
+    assert evaluate_gates(off, **GOOD) == []
+
+
+@pytest.mark.parametrize(
+    ("gate", "override", "value", "detail"),
+    [
+        ("max_top1_drop", {"top1_delta": -0.75}, 0.75, "top-1 drop 0.75 pts > 0.50 pts"),
+        ("min_agreement", {"agreement": 0.985}, 0.985, "agreement 0.985 < 0.99"),
+        ("max_abs_diff", {"max_abs_diff": 2.5e-3}, 2.5e-3, "max abs diff 2.50e-03 > 1.00e-03"),
+        ("min_cosine", {"cosine": 0.998}, 0.998, "cosine 0.998000 < 0.999000"),
+        ("min_speedup", {"speedup": {1: 1.1, 32: 1.9}}, 1.1, "speedup 1.10x < 1.20x (batch 1)"),
+    ],
+)
+def test_each_gate_fails(gate: str, override: dict[str, Any], value: float, detail: str) -> None:
+    res = by_name(evaluate_gates(ALL_ON, **{**GOOD, **override}))
+    assert not res[gate].passed
+    assert res[gate].value == pytest.approx(value)
+    assert res[gate].detail == detail
+    assert all(r.passed for name, r in res.items() if name != gate)
+
+
+def test_each_gate_passes_with_values_and_limits() -> None:
+    res = by_name(evaluate_gates(ALL_ON, **GOOD))
+    assert all(r.passed for r in res.values())
+    assert res["max_top1_drop"].value == pytest.approx(0.2) and res["max_top1_drop"].limit == 0.5
+    assert res["min_agreement"].detail == "agreement 0.995 >= 0.99"
+    assert res["min_speedup"].value == 1.5  # the worst batch size decides
+
+
+def test_limits_are_inclusive_and_improvement_passes() -> None:
+    res = by_name(evaluate_gates(ALL_ON, **{**GOOD, "top1_delta": -0.5, "agreement": 0.99}))
+    assert res["max_top1_drop"].passed and res["min_agreement"].passed
+    better = by_name(evaluate_gates(ALL_ON, **{**GOOD, "top1_delta": 1.0}))["max_top1_drop"]
+    assert better.passed and better.value == -1.0
+
+
+def test_close_values_get_enough_digits() -> None:
+    res = by_name(evaluate_gates(ALL_ON, **{**GOOD, "agreement": 0.98999}))["min_agreement"]
+    assert not res.passed and res.detail == "agreement 0.98999 < 0.99"
+
+
+def test_synthetic_skips_top1_explicitly() -> None:
+    res = by_name(evaluate_gates(ALL_ON, **{**GOOD, "top1_delta": -5.0, "synthetic": True}))
+    gate = res["max_top1_drop"]
+    assert gate.value is None and gate.passed and gate.detail == SKIPPED_SYNTHETIC
+    assert gate.detail.startswith("skipped:")
+
+
+def test_missing_top1_is_skipped_with_its_own_reason() -> None:
+    gate = by_name(evaluate_gates(ALL_ON, **{**GOOD, "top1_delta": None}))["max_top1_drop"]
+    assert gate.value is None and gate.passed and gate.detail.startswith("skipped:")
+    assert gate.detail != SKIPPED_SYNTHETIC
+
+
+def test_nan_fails() -> None:
+    res = by_name(evaluate_gates(ALL_ON, **{**GOOD, "max_abs_diff": math.nan, "cosine": math.nan}))
+    assert not res["max_abs_diff"].passed and not res["min_cosine"].passed
+    nan_speed = by_name(evaluate_gates(ALL_ON, **{**GOOD, "speedup": {1: 2.0, 32: math.nan}}))
+    assert not nan_speed["min_speedup"].passed and "batch 32" in nan_speed["min_speedup"].detail
+
+
+def test_speedup_gate_without_latency_fails() -> None:
+    gate = by_name(evaluate_gates(ALL_ON, **{**GOOD, "speedup": {}}))["min_speedup"]
+    assert not gate.passed and gate.value is None and "no latency" in gate.detail

@@ -1,0 +1,61 @@
+"""onnxruntime on the CPU (and, where installed, its CUDA / TensorRT execution providers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xpdeploy.errors import MissingDependencyError
+
+
+class OrtRunner:
+    """Runs an ONNX file in an onnxruntime session with a fixed thread count."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int | None = None,
+        provider: str = "CPUExecutionProvider",
+        input_name: str = "pixels",
+    ) -> None:
+        short = provider.removesuffix("ExecutionProvider").lower()
+        self.name = f"ort-{short}-fp32"
+        self._path = path
+        self._threads = threads
+        self._provider = provider
+        self._input_name = input_name
+        self._session: Any = None
+
+    def __enter__(self) -> OrtRunner:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError(
+                "onnxruntime is not installed; pip install onnxruntime"
+            ) from None
+        if self._provider not in ort.get_available_providers():
+            raise MissingDependencyError(
+                f"onnxruntime provider {self._provider} is not available here "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        options = ort.SessionOptions()
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: warnings would flood CI logs
+        self._session = ort.InferenceSession(
+            str(self._path), sess_options=options, providers=[self._provider]
+        )
+        return self
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch."""
+        assert self._session is not None, "use OrtRunner as a context manager"
+        feed = {self._input_name: np.ascontiguousarray(pixels, dtype=np.float32)}
+        return self._session.run(None, feed)[0]
+
+    def __exit__(self, *exc: object) -> None:
+        self._session = None

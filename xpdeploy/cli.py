@@ -1,0 +1,162 @@
+"""Command line: ``xpdeploy run | validate | show``. Maps errors to exit codes (design.md sec. 5).
+
+Only click, pyyaml and pydantic are imported at start-up, so ``xpdeploy --help`` works (and is fast)
+on a machine without torch, onnxsim or TensorRT.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import click
+
+from xpdeploy import __version__
+from xpdeploy.errors import EXIT_ERROR, XpdeployError
+from xpdeploy.progress import format_duration
+
+T = TypeVar("T")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def _guarded(debug: bool, fn: Callable[[], T], on_error: Callable[[], None] | None = None) -> T:
+    """Run ``fn``; turn every failure into one stderr line and an exit code (no traceback)."""
+    try:
+        return fn()
+    except XpdeployError as e:
+        if on_error:
+            on_error()
+        _fail(str(e), e.exit_code, debug)
+    except KeyboardInterrupt:
+        if on_error:
+            on_error()
+        _fail("interrupted; rerun the same command to resume where it stopped", 130, debug)
+    except Exception as e:  # a bug of ours: still one line, with the way to get the traceback
+        if on_error:
+            on_error()
+        _fail(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and "
+            "please report it)",
+            EXIT_ERROR,
+            debug,
+        )
+
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a pipeline value, e.g. --set train.epochs=3 (repeatable; type-checked).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xpdeploy")
+def cli() -> None:
+    """xpdeploy: explainable pruning (X-Pruner) and edge deployment for vision transformers.
+
+    Exit codes: 0 passed, 1 user/config/environment error, 2 usage error, 3 parity gate failed.
+    """
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder (default: runs/<pipeline name>/).")
+@set_option
+@click.option("--from", "from_stage", metavar="STAGE",
+              help="Rerun from STAGE; earlier stages must have finished in the run folder.")
+@click.option("--until", metavar="STAGE", help="Stop after STAGE.")
+@click.option("--force", is_flag=True, help="Rerun every selected stage even if unchanged.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_stage: str | None,
+        until: str | None, force: bool, debug: bool) -> None:
+    """Run PIPELINE (a YAML file); finished stages whose inputs are unchanged are reused."""
+    from xpdeploy.spec import load_spec
+
+    t0 = time.monotonic()
+    spec = _guarded(debug, lambda: load_spec(pipeline, overrides))
+    folder = run_dir or Path("runs") / spec.name
+
+    def failed_line() -> None:
+        where = folder / "report.md" if (folder / "report.md").is_file() else folder
+        click.echo(f"FAILED | {spec.name} | {format_duration(time.monotonic() - t0)} | {where}")
+
+    def go() -> None:
+        from xpdeploy.pipeline import run_pipeline
+
+        result = run_pipeline(spec, folder, from_stage=from_stage, until=until, force=force)
+        where = folder / result.report.markdown_file if result.report else folder
+        extra = f" (stopped after {until})" if until else ""
+        click.echo(f"PASSED | {spec.name} | {format_duration(result.duration_s)} | {where}{extra}")
+
+    _guarded(debug, go, on_error=failed_line)
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(path_type=Path, dir_okay=False))
+@set_option
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def validate(pipeline: Path, overrides: tuple[str, ...], debug: bool) -> None:
+    """Check PIPELINE and print it resolved (every default filled in); exit 0 or 1."""
+    from xpdeploy.spec import dump_spec, load_spec
+
+    def go() -> None:
+        spec = load_spec(pipeline, overrides)
+        click.echo(dump_spec(spec), nl=False)
+        for warning in _path_warnings(spec):
+            click.echo(f"warning: {warning}", err=True)
+        try:
+            spec.check_runnable()
+        except XpdeployError as e:
+            raise type(e)(f"{pipeline}: {e}") from None
+        click.echo(f"# {pipeline}: valid", err=True)
+
+    _guarded(debug, go)
+
+
+def _path_warnings(spec: object) -> list[str]:
+    """Paths the pipeline names that do not exist here (fine on another machine; worth a word)."""
+    from xpdeploy.spec import PipelineSpec
+
+    assert isinstance(spec, PipelineSpec)
+    out = []
+    if spec.model.checkpoint is not None and not spec.model.checkpoint.exists():
+        out.append(f"model.checkpoint {spec.model.checkpoint} does not exist on this machine")
+    if spec.data.root is not None and not spec.data.root.exists():
+        out.append(f"data.root {spec.data.root} does not exist on this machine")
+    return out
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def show(run_dir: Path, debug: bool) -> None:
+    """One-screen summary of a finished or partial run in RUN_DIR."""
+    from xpdeploy.summary import summarize_run
+
+    click.echo(_guarded(debug, lambda: summarize_run(run_dir)))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="xpdeploy")
+
+
+if __name__ == "__main__":
+    main()

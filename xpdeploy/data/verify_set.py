@@ -1,0 +1,146 @@
+"""The fixed verification set: one seeded, class-balanced batch of preprocessed images in a .npz.
+
+Every runner (torch, onnxruntime, TensorRT, on the host or on the device) is fed these exact bytes,
+so parity numbers compare models, not data pipelines. The file holds ``pixels`` (float32 NCHW),
+``labels`` (int64), ``source``, ``synthetic`` and ``class_names``; it is written with a fixed zip
+timestamp, so the same content always gives the same bytes (and the same digest, for resume).
+
+numpy only: this module runs on torch-free device machines.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xpdeploy.errors import DataError
+from xpdeploy.fileio import write_with
+
+_KEYS = ("pixels", "labels", "source", "synthetic", "class_names")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
+
+
+@dataclass(frozen=True)
+class VerifyBatch:
+    """A loaded verification set. ``synthetic``: labels are random, no accuracy may be reported."""
+
+    pixels: np.ndarray  # float32 (N, 3, H, W), C-contiguous
+    labels: np.ndarray  # int64 (N,)
+    source: str
+    synthetic: bool
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def select_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``min(n, len(labels))`` samples, balanced over classes.
+
+    Classes are visited round-robin in a seeded random order, each class's samples in a seeded
+    random order, so every class is represented (when ``n`` >= the class count) and the choice
+    depends only on ``labels``, ``n`` and ``seed``.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    n = max(0, min(int(n), len(labels)))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    class_order = rng.permutation(len(classes))  # position of each class in a round
+    rank = np.empty(len(labels), dtype=np.int64)  # the round each sample is taken in
+    position = np.empty(len(labels), dtype=np.int64)
+    for c, pos in zip(classes, class_order, strict=True):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        rank[members] = np.arange(len(members))
+        position[members] = pos
+    order = np.lexsort((position, rank))  # by round, then by class position within the round
+    return np.sort(order[:n]).astype(np.int64)
+
+
+def _write_npz(fh: object, arrays: dict[str, np.ndarray]) -> None:
+    """Uncompressed .npz with fixed entry timestamps (``np.savez`` stamps the current time)."""
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
+        for key, array in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            with zf.open(info, "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, array, allow_pickle=False)
+
+
+def save_verify_set(
+    path: str | Path,
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    *,
+    source: str,
+    synthetic: bool,
+    class_names: list[str],
+) -> None:
+    """Write the verification set to ``path`` (.npz) atomically."""
+    pixels = np.asarray(pixels)
+    labels = np.asarray(labels)
+    if pixels.dtype != np.float32 or pixels.ndim != 4:
+        raise ValueError(f"pixels must be float32 (N, C, H, W), got {pixels.dtype} {pixels.shape}")
+    labels_ok = labels.ndim == 1 and len(labels) == len(pixels)
+    if not labels_ok or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integers shaped ({len(pixels)},), got {labels.dtype} {labels.shape}"
+        )
+    arrays = {
+        "pixels": np.ascontiguousarray(pixels),
+        "labels": labels.astype(np.int64),
+        "source": np.array(source, dtype=str),
+        "synthetic": np.array(bool(synthetic)),
+        "class_names": np.array([str(c) for c in class_names], dtype=str),
+    }
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            _write_npz(fh, arrays)
+
+    write_with(path, writer)
+
+
+def load_verify_set(path: str | Path) -> VerifyBatch:
+    """Read a verification set written by :func:`save_verify_set`."""
+    path = Path(path)
+    fix = "rerun the 'load' stage with --force to write it again"
+    if not path.is_file():
+        raise DataError(f"verification set {path} does not exist; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in _KEYS if k not in z.files]
+            if missing:
+                raise DataError(
+                    f"verification set {path} lacks {', '.join(missing)} (has: "
+                    f"{', '.join(z.files) or 'nothing'}); {fix}"
+                )
+            pixels = np.ascontiguousarray(z["pixels"], dtype=np.float32)
+            labels = z["labels"].astype(np.int64)
+            source = str(z["source"])
+            synthetic = bool(z["synthetic"])
+            class_names = [str(c) for c in z["class_names"]]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        reason = str(e).replace("\n", " ") or type(e).__name__
+        raise DataError(f"verification set {path} is unreadable ({reason}); {fix}") from None
+    if pixels.ndim != 4 or labels.shape != (len(pixels),):
+        raise DataError(
+            f"verification set {path} has pixels {pixels.shape} and labels {labels.shape}, "
+            f"expected (N, 3, H, W) and (N,); {fix}"
+        )
+    return VerifyBatch(pixels, labels, source, synthetic, class_names)
+
+
+def iter_batches(pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of at most ``batch_size`` samples, float32 and C-contiguous (no copy when
+    ``pixels`` already is); the last one may be shorter."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, len(pixels), batch_size):
+        yield np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)

@@ -1,0 +1,1 @@
+"""ONNX export and simplification of timm models."""

@@ -1,0 +1,1 @@
+"""timm model loading, architecture description, rebuilding from arch.json, MAC counting."""

@@ -1,0 +1,234 @@
+"""``run_pipeline()``: calls the stages in order, reusing every stage whose inputs are unchanged.
+
+The data flow is ordinary Python and reads top to bottom in :func:`_flow`. The executor decides for
+each stage whether to reuse its outputs (manifest fingerprint matches), rerun it, or stop.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xpdeploy.artifacts import Artifact, ParityReport, RunReport
+from xpdeploy.errors import ConfigError, ParityError, RunFolderError
+from xpdeploy.fileio import sha256_json
+from xpdeploy.progress import format_duration, log
+from xpdeploy.runfolder import RunFolder, now_iso, stage_folder_name
+from xpdeploy.spec import PipelineSpec
+from xpdeploy.stages.context import StageContext
+
+#: Parts of the spec each stage's outputs depend on; a change to them reruns the stage.
+STAGE_CONFIG: dict[str, tuple[str, ...]] = {
+    "load": ("seed", "model", "data", "load"),
+    "train": ("seed", "data", "train"),
+    "export_onnx": ("export_onnx",),
+    "simplify": ("simplify",),
+    "verify": ("verify",),
+    "report": ("name", "report"),
+}
+
+StageFn = Callable[..., dict[str, Artifact]]
+
+
+def stage_config(spec: PipelineSpec, stage: str) -> dict[str, Any]:
+    """The resolved config a stage depends on, as JSON-able data."""
+    data = spec.model_dump(mode="json")
+    return {key: data.get(key) for key in STAGE_CONFIG.get(stage, (stage,))}
+
+
+@dataclass
+class PipelineResult:
+    """How a run ended; ``passed`` is False only when a verification gate failed."""
+
+    name: str
+    run_dir: Path
+    passed: bool
+    duration_s: float
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: RunReport | None = None
+    parity: ParityReport | None = None
+
+
+class _UntilReached(Exception):
+    """Internal: the ``--until`` stage finished."""
+
+
+def _check_stage_option(option: str, value: str | None, stages: list[str]) -> None:
+    if value is None or value in stages:
+        return
+    close = difflib.get_close_matches(value, stages, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"{option} '{value}' is not a stage of this pipeline (stages: {', '.join(stages)}){hint}"
+    )
+
+
+class StageExecutor:
+    """Runs or reuses one stage at a time and records what it did."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        folder: RunFolder,
+        *,
+        from_stage: str | None,
+        until: str | None,
+        force: bool,
+    ) -> None:
+        self.spec, self.folder = spec, folder
+        self.stages = spec.stage_list()
+        self.from_index = self.stages.index(from_stage) if from_stage else 0
+        self.until = until
+        self.force = force
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def wants(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def step(self, stage: str, fn: StageFn, inputs: dict[str, Artifact | None]) -> dict[str, Any]:
+        """Reuse or run ``stage``; returns its named output artifacts."""
+        present = {k: v for k, v in inputs.items() if v is not None}
+        config = stage_config(self.spec, stage)
+        input_digests = {k: v.digest(self.folder.root) for k, v in present.items()}
+        fingerprint = sha256_json({"config": config, "inputs": input_digests})
+        before_slice = self.stages.index(stage) < self.from_index
+        forced = self.force or (not before_slice and self.stages.index(stage) == self.from_index
+                                and self.from_index > 0)
+        cached = None if forced else self.folder.current_outputs(stage, fingerprint)
+        if cached is not None:
+            log(f"[{stage}] unchanged since the last run: reused ({stage_folder_name(stage)}/)")
+            self.skipped.append(stage)
+        elif before_slice:
+            raise RunFolderError(
+                f"--from {self.stages[self.from_index]}: stage '{stage}' has no current output in "
+                f"{self.folder.root} (never finished, or its config or inputs changed); run "
+                "without --from first"
+            )
+        else:
+            cached = self._run(stage, fn, present, config, input_digests, fingerprint, forced)
+        if stage == self.until:
+            raise _UntilReached
+        return cached
+
+    def _run(
+        self,
+        stage: str,
+        fn: StageFn,
+        inputs: dict[str, Artifact],
+        config: dict[str, Any],
+        input_digests: dict[str, str],
+        fingerprint: str,
+        forced: bool,
+    ) -> dict[str, Artifact]:
+        log(f"[{stage}] running")
+        stage_dir = self.folder.begin_stage(stage, keep_checkpoints=not forced)
+        ctx = StageContext(stage, self.folder.root, stage_dir, self.spec, fingerprint)
+        started, t0 = now_iso(), time.monotonic()
+        try:
+            outputs = fn(ctx, **inputs)
+        except BaseException:
+            # Nothing half-written: drop this attempt's files, keep resumable checkpoints.
+            self.folder.clear_stage(stage)
+            raise
+        duration = time.monotonic() - t0
+        self.folder.write_manifest(
+            stage,
+            config=config,
+            fingerprint=fingerprint,
+            inputs=input_digests,
+            outputs=outputs,
+            started=started,
+            duration_s=duration,
+        )
+        log(f"[{stage}] done in {format_duration(duration)}")
+        self.ran.append(stage)
+        # Later stages must see their inputs change, so forcing only applies to this one stage
+        # unless --force was given for the whole run.
+        return outputs
+
+
+def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
+    """The pipeline's data flow, top to bottom. Stage modules are imported when first needed."""
+    from xpdeploy.stages import export_onnx, load, report, simplify, train, verify
+
+    loaded = ex.step("load", load.run, {})
+    model, verify_set = loaded["model"], loaded["verify_set"]
+    if ex.wants("train"):
+        model = ex.step("train", train.run, {"model": model})["model"]
+    exported = simplified = parity = run_report = None
+    if ex.wants("export_onnx"):
+        exported = ex.step(
+            "export_onnx", export_onnx.run, {"model": model, "verify_set": verify_set}
+        )["onnx"]
+    if ex.wants("simplify"):
+        if exported is None:
+            raise ConfigError("stage 'simplify' needs 'export_onnx' in the pipeline's stages")
+        simplified = ex.step(
+            "simplify", simplify.run, {"onnx": exported, "verify_set": verify_set}
+        )["onnx"]
+    if ex.wants("verify"):
+        parity = ex.step(
+            "verify",
+            verify.run,
+            {"model": model, "verify_set": verify_set, "exported": exported,
+             "simplified": simplified},
+        )["parity"]
+    if ex.wants("report"):
+        run_report = ex.step("report", report.run, {"model": model, "parity": parity})["report"]
+    return parity, run_report
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    run_dir: Path,
+    *,
+    from_stage: str | None = None,
+    until: str | None = None,
+    force: bool = False,
+) -> PipelineResult:
+    """Run ``spec`` in ``run_dir``; raise :class:`ParityError` (after the report) on a failed gate."""
+    spec.check_runnable()
+    stages = spec.stage_list()
+    _check_stage_option("--from", from_stage, stages)
+    _check_stage_option("--until", until, stages)
+    if from_stage and until and stages.index(from_stage) > stages.index(until):
+        raise ConfigError(f"--from {from_stage} comes after --until {until}; swap them")
+    folder = RunFolder(run_dir)
+    folder.check_pipeline(spec)
+    t0 = time.monotonic()
+    ex = StageExecutor(spec, folder, from_stage=from_stage, until=until, force=force)
+    parity = run_report = None
+    with folder.locked():
+        folder.write_pipeline(spec)
+        try:
+            parity, run_report = _flow(ex)
+        except _UntilReached:
+            pass
+    result = PipelineResult(
+        name=spec.name,
+        run_dir=run_dir,
+        passed=parity is None or parity.passed,
+        duration_s=time.monotonic() - t0,
+        ran=ex.ran,
+        skipped=ex.skipped,
+        report=run_report,
+        parity=parity,
+    )
+    if not result.passed:
+        assert parity is not None
+        failed = [c for c in parity.candidates if not c.passed]
+        details = "; ".join(
+            f"{c.name}: " + ", ".join(g.detail for g in c.gates if not g.passed) for c in failed
+        )
+        where = run_dir / (run_report.markdown_file if run_report else parity.file)
+        raise ParityError(
+            f"{len(failed)} of {len(parity.candidates)} candidates failed their gates ({details}); "
+            f"see {where}"
+        )
+    return result

@@ -1,0 +1,188 @@
+"""``report.md``: the page a person reads in a CI job summary or a pull request.
+
+It is rendered from the report dict (:mod:`xpdeploy.report.schema`), never from live objects, so
+the page and ``report.json`` cannot disagree. Units: top-1 in percent, deltas in percentage points,
+latency in ms per batch (3 significant digits), throughput in images/s.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from xpdeploy.fileio import write_text_atomic
+
+NA = "n/a"
+NA_SYNTHETIC = "n/a (synthetic)"
+
+
+def _cell(text: object) -> str:
+    """Make a value safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def fmt_top1(x: float | None, synthetic: bool) -> str:
+    """Top-1 in percent with 2 decimals."""
+    if synthetic:
+        return NA_SYNTHETIC
+    return NA if x is None else f"{x:.2f}"
+
+
+def fmt_delta(x: float | None, synthetic: bool) -> str:
+    """Signed change in percentage points with 2 decimals."""
+    if synthetic:
+        return NA_SYNTHETIC
+    return NA if x is None else f"{x:+.2f}"
+
+
+def fmt_sci(x: float | None) -> str:
+    """Logit differences span many decades: scientific notation, 2 decimals."""
+    return NA if x is None else f"{x:.2e}"
+
+
+def fmt_ms(x: float | None) -> str:
+    """Milliseconds with 3 significant digits (whole numbers from 1000 up)."""
+    if x is None:
+        return NA
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:#.3g}".rstrip(".")
+
+
+def fmt_rate(x: float | None) -> str:
+    """Images per second: whole numbers from 100 up, 1 decimal below."""
+    if x is None:
+        return NA
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    """A speedup such as 1.84x."""
+    return NA if x is None else f"{x:.2f}x"
+
+
+def _fmt_share(x: float | None) -> str:
+    return NA if x is None else f"{x:.4f}"
+
+
+def _fmt_cosine(x: float | None) -> str:
+    return NA if x is None else f"{x:.6f}"
+
+
+def _gates_cell(c: dict[str, Any]) -> str:
+    failed = [g["name"] for g in c["gates"] if not g["passed"]]
+    if failed:
+        return "**FAIL**: " + ", ".join(failed)
+    return "pass" if c["gates"] else "no gates"
+
+
+def _header(cols: list[str], align: str) -> list[str]:
+    """Table header; ``align`` has one letter per column: l(eft) for text, r(ight) for numbers."""
+    marks = {"l": "---", "r": "---:"}
+    return ["| " + " | ".join(cols) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+
+
+def _row(cells: list[object]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _parity_table(report: dict[str, Any], synthetic: bool) -> list[str]:
+    cols = ["candidate", "runner", "top-1 (%)", "Δ top-1 (pts)", "agreement", "max abs diff"]
+    lines = _header([*cols, "cosine", "gates"], "llrrrrrl")
+    for c in report["candidates"]:
+        lines.append(
+            _row(
+                [
+                    c["name"],
+                    c["runner"],
+                    fmt_top1(c["top1"], synthetic),
+                    fmt_delta(c["top1_delta"], synthetic),
+                    _fmt_share(c["agreement"]),
+                    fmt_sci(c["max_abs_diff"]),
+                    _fmt_cosine(c["cosine"]),
+                    _gates_cell(c),
+                ]
+            )
+        )
+    return lines
+
+
+def _latency_table(report: dict[str, Any]) -> list[str]:
+    cols = ["candidate", "batch", "p50", "p90", "p99", "img/s", "original p50", "speedup"]
+    lines = _header(cols, "lrrrrrrr")
+    for c in report["candidates"]:
+        base = {row["batch"]: row for row in c["baseline_latency_ms"]}
+        for row in c["latency_ms"]:
+            b = row["batch"]
+            lines.append(
+                _row(
+                    [
+                        c["name"],
+                        b,
+                        fmt_ms(row["p50"]),
+                        fmt_ms(row["p90"]),
+                        fmt_ms(row["p99"]),
+                        fmt_rate(row["throughput"]),
+                        fmt_ms(base[b]["p50"]) if b in base else NA,
+                        fmt_ratio(c["speedup"].get(str(b))),
+                    ]
+                )
+            )
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown page (title with PASSED/FAILED, data, parity, latency, gates)."""
+    data, orig = report["data"], report["original"]
+    synthetic = bool(data["synthetic"])
+    verdict = "PASSED" if report["status"] == "passed" else "FAILED"
+    lines = [f"# {report['title']}: {verdict}", ""]
+    lines.append(
+        f"Pipeline `{report['pipeline']}` · created {report['created']} · "
+        f"{report['threads']} CPU threads · run folder `{report['run_dir']}`"
+    )
+    lines.append("")
+    data_line = f"Data: {data['source']}, {data['samples']} samples."
+    if synthetic:
+        data_line += f" **Warning: {data['note'] or 'synthetic data'}.**"
+    lines += [data_line, ""]
+    lines.append(
+        f"Original: `{orig['name']}` ({orig['runner']}): top-1 {fmt_top1(orig['top1'], synthetic)}"
+        f"{'' if synthetic or orig['top1'] is None else ' %'}, {orig['gmacs']:.3g} GMACs, "
+        f"{orig['params_m']:.2f} M params"
+    )
+    lines.append("")
+    if not report["candidates"]:
+        lines += ["No candidates were verified.", ""]
+        return "\n".join(lines)
+
+    lines += ["## Parity vs the original", "", *_parity_table(report, synthetic), ""]
+    lines += [
+        "## Latency (ms per batch)",
+        "",
+        "The original is timed interleaved with each candidate in the same process; "
+        "speedup = original p50 / candidate p50.",
+        "",
+        *_latency_table(report),
+        "",
+    ]
+    failed = [(c["name"], g) for c in report["candidates"] for g in c["gates"] if not g["passed"]]
+    skipped = [
+        (c["name"], g)
+        for c in report["candidates"]
+        for g in c["gates"]
+        if g["passed"] and g["value"] is None
+    ]
+    if failed:
+        lines += ["## Failed gates", ""]
+        lines += [f"- `{name}` {g['name']}: {g['detail']}" for name, g in failed]
+    else:
+        lines.append("All gates passed.")
+    if skipped:
+        lines += ["", "Skipped gates:", ""]
+        lines += [f"- `{name}` {g['name']}: {g['detail']}" for name, g in skipped]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    """Render ``report`` and write it atomically as UTF-8."""
+    write_text_atomic(path, render_markdown(report))

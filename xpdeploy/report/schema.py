@@ -1,0 +1,212 @@
+"""``report.json``: the versioned, machine-readable outcome of a run (design.md section 2).
+
+The report is plain JSON built from the :class:`~xpdeploy.artifacts.ParityReport` so that CI, the
+Markdown page and the plots all read the same numbers. Bump :data:`REPORT_SCHEMA_VERSION` when a
+key is renamed or removed (adding keys is compatible). Units: top-1 in percent, ``top1_delta`` in
+percentage points, latency in ms per batch, throughput in images/s, ``gmacs`` in 1e9
+multiply-accumulates per image, ``params_m`` in millions. Non-finite numbers (a NaN logit diff, an
+infinite speedup from a zero median) are written as ``null`` so the file stays strict JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from xpdeploy.artifacts import CandidateResult, LatencyStats, ParityReport
+from xpdeploy.fileio import write_json_atomic
+
+REPORT_SCHEMA_VERSION = 1
+
+SYNTHETIC_NOTE = "synthetic data: labels are random; accuracy figures are not reported"
+STATUSES = ("passed", "failed")
+
+TOP_KEYS = (
+    "schema_version",
+    "status",
+    "pipeline",
+    "title",
+    "created",
+    "run_dir",
+    "data",
+    "threads",
+    "environment",
+    "original",
+    "candidates",
+)
+DATA_KEYS = ("source", "synthetic", "samples", "note")
+ORIGINAL_KEYS = ("name", "runner", "top1", "gmacs", "params_m", "params")
+CANDIDATE_KEYS = (
+    "name",
+    "runner",
+    "artifact",
+    "gmacs",
+    "params_m",
+    "top1",
+    "top1_delta",
+    "agreement",
+    "max_abs_diff",
+    "mean_abs_diff",
+    "cosine",
+    "latency_ms",
+    "baseline_latency_ms",
+    "speedup",
+    "gates",
+    "passed",
+)
+LATENCY_KEYS = ("batch", "p50", "p90", "p99", "mean", "iters", "throughput")
+GATE_KEYS = ("name", "value", "limit", "passed", "detail")
+
+
+def _json_safe(obj: Any) -> Any:
+    """Copy ``obj`` with every non-finite float replaced by None (JSON has no NaN or Infinity).
+
+    numpy scalars become Python numbers on the way, so ``json`` writes them as numbers.
+    """
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _latency(rows: list[LatencyStats]) -> list[dict[str, Any]]:
+    return [{k: getattr(s, k) for k in LATENCY_KEYS} for s in sorted(rows, key=lambda s: s.batch)]
+
+
+def _candidate(c: CandidateResult, synthetic: bool) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "runner": c.runner,
+        "artifact": c.artifact,
+        "gmacs": c.gmacs,
+        "params_m": c.params_m,
+        "top1": None if synthetic else c.top1,
+        "top1_delta": None if synthetic else c.top1_delta,
+        "agreement": c.agreement,
+        "max_abs_diff": c.max_abs_diff,
+        "mean_abs_diff": c.mean_abs_diff,
+        "cosine": c.cosine,
+        "latency_ms": _latency(c.latency_ms),
+        "baseline_latency_ms": _latency(c.baseline_latency_ms),
+        "speedup": {str(b): float(s) for b, s in sorted(c.speedup.items())},
+        "gates": [g.model_dump(mode="python") for g in c.gates],
+        "passed": c.passed,
+    }
+
+
+def build_report(
+    parity: ParityReport,
+    *,
+    pipeline: str,
+    run_dir: str,
+    status: str,
+    title: str | None,
+    environment: dict[str, Any],
+    original_extra: dict[str, Any] | None = None,
+    created: datetime | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-able dict (schema version :data:`REPORT_SCHEMA_VERSION`).
+
+    status: "passed" or "failed". title: defaults to "xpdeploy report: <pipeline>".
+    environment: tool versions, device, ... copied as given. original_extra: additional keys for
+    the "original" section (e.g. its ONNX file); the keys computed from ``parity`` win on a clash.
+    created: report time (default now), written as ISO-8601 UTC. On synthetic data every ``top1``
+    and ``top1_delta`` is null whatever ``parity`` carried: random labels have no accuracy.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    synthetic = parity.synthetic
+    when = (created or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    original = {
+        **(original_extra or {}),
+        "name": parity.original_name,
+        "runner": parity.original_runner,
+        "top1": None if synthetic else parity.original_top1,
+        "gmacs": parity.original_gmacs,
+        "params_m": parity.original_params_m,
+        "params": round(parity.original_params_m * 1e6),
+    }
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "status": status,
+        "pipeline": pipeline,
+        "title": title or f"xpdeploy report: {pipeline}",
+        "created": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run_dir": run_dir,
+        "data": {
+            "source": parity.data_source,
+            "synthetic": synthetic,
+            "samples": parity.samples,
+            "note": SYNTHETIC_NOTE if synthetic else None,
+        },
+        "threads": parity.threads,
+        "environment": dict(environment),
+        "original": original,
+        "candidates": [_candidate(c, synthetic) for c in parity.candidates],
+    }
+    return _json_safe(report)
+
+
+def _require(d: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    for k in keys:
+        if k not in d:
+            raise ValueError(f"{where}: missing required key '{k}'")
+
+
+def _require_list(d: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = d[key]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}.{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def validate_report(d: dict[str, Any]) -> None:
+    """Raise ValueError naming the first missing required key (or a broken invariant).
+
+    Checks every section of schema version 1, that ``status`` is passed/failed, and that no top-1
+    figure appears on synthetic data.
+    """
+    _require(d, TOP_KEYS, "report")
+    if d["schema_version"] != REPORT_SCHEMA_VERSION:
+        raise ValueError(
+            f"report: schema_version {d['schema_version']!r} is not {REPORT_SCHEMA_VERSION}"
+        )
+    if d["status"] not in STATUSES:
+        raise ValueError(f"report.status: {d['status']!r} is not one of {STATUSES}")
+    _require(d["data"], DATA_KEYS, "report.data")
+    if not isinstance(d["environment"], Mapping):
+        raise ValueError("report.environment: expected an object")
+    _require(d["original"], ORIGINAL_KEYS, "report.original")
+    synthetic = bool(d["data"]["synthetic"])
+    if synthetic and d["original"]["top1"] is not None:
+        raise ValueError("report.original.top1: must be null on synthetic data")
+    for i, c in enumerate(_require_list(d, "candidates", "report")):
+        where = f"report.candidates[{i}]"
+        _require(c, CANDIDATE_KEYS, where)
+        if synthetic and (c["top1"] is not None or c["top1_delta"] is not None):
+            raise ValueError(f"{where}: top1 and top1_delta must be null on synthetic data")
+        for key in ("latency_ms", "baseline_latency_ms"):
+            for j, row in enumerate(_require_list(c, key, where)):
+                _require(row, LATENCY_KEYS, f"{where}.{key}[{j}]")
+        if not isinstance(c["speedup"], Mapping):
+            raise ValueError(f"{where}.speedup: expected an object of batch -> ratio")
+        for j, g in enumerate(_require_list(c, "gates", where)):
+            _require(g, GATE_KEYS, f"{where}.gates[{j}]")
+
+
+def write_report_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    """Validate ``report`` and write it atomically as indented, key-sorted JSON."""
+    validate_report(report)
+    write_json_atomic(path, report)

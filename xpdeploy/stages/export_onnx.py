@@ -1,0 +1,42 @@
+"""``export_onnx``: ONNX (opset 17, ``pixels`` -> ``logits``, dynamic batch), checked vs torch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xpdeploy.artifacts import Artifact, OnnxModel, OnnxModels, TorchModel, VerifySet
+from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.backends.torch_runner import TorchRunner
+from xpdeploy.data.verify_set import load_verify_set
+from xpdeploy.errors import ExportError
+from xpdeploy.export.onnx_export import count_nodes, export_onnx
+from xpdeploy.models.arch import rebuild_model
+from xpdeploy.progress import log
+from xpdeploy.stages.context import StageContext
+
+PARITY_SAMPLES = 64  # images of the verify set used for the export parity check
+
+
+def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet) -> dict[str, Artifact]:
+    cfg = ctx.spec.export_onnx
+    path = ctx.stage_dir / f"{model.label}.onnx"
+    net = rebuild_model(model.arch, ctx.path(model.weights_file))
+    export_onnx(net, path, input_size=model.data_config.input_size, opset=cfg.opset,
+                trace_batch=cfg.trace_batch, dynamic_batch=cfg.dynamic_batch)
+    pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
+    batch = pixels if cfg.dynamic_batch else pixels[: cfg.trace_batch]
+    with TorchRunner(model, ctx.run_dir) as ref, OrtRunner(path) as ort:
+        diff = float(np.abs(ref.infer(batch) - ort.infer(batch)).max())
+    if diff > cfg.parity_atol:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"onnxruntime output of {path.name} differs from torch by {diff:.3g} > "
+            f"export_onnx.parity_atol {cfg.parity_atol:g}; the export is wrong (try another opset)"
+        )
+    nodes = count_nodes(path)
+    log(f"  {path.name}: opset {cfg.opset}, {nodes} nodes, max |torch - ort| {diff:.2e}")
+    onnx_model = OnnxModel(
+        label=model.label, file=ctx.rel(path), opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+        nodes=nodes, max_abs_diff=diff, gmacs=model.gmacs, params_m=model.params_m,
+    )
+    return {"onnx": OnnxModels(models={model.label: onnx_model})}

@@ -1,0 +1,41 @@
+"""``simplify``: onnxsim on every exported model, parity re-checked in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xpdeploy.artifacts import Artifact, OnnxModels, VerifySet
+from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.data.verify_set import load_verify_set
+from xpdeploy.errors import ExportError
+from xpdeploy.export.onnx_export import count_nodes
+from xpdeploy.export.simplify import simplify_onnx
+from xpdeploy.progress import log
+from xpdeploy.stages.context import StageContext
+
+PARITY_SAMPLES = 64
+
+
+def run(ctx: StageContext, onnx: OnnxModels, verify_set: VerifySet) -> dict[str, Artifact]:
+    cfg = ctx.spec.simplify
+    pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
+    out = {}
+    for label, src in onnx.models.items():
+        dst = ctx.stage_dir / f"{label}.sim.onnx"
+        simplify_onnx(ctx.path(src.file), dst, skip_fuse_bn=cfg.skip_fuse_bn)
+        batch = pixels if src.dynamic_batch else pixels[:1]
+        with OrtRunner(ctx.path(src.file)) as before, OrtRunner(dst) as after:
+            diff = float(np.abs(before.infer(batch) - after.infer(batch)).max())
+        if diff > cfg.parity_atol:
+            dst.unlink(missing_ok=True)
+            raise ExportError(
+                f"simplified {dst.name} differs from {src.file} by {diff:.3g} > "
+                f"simplify.parity_atol {cfg.parity_atol:g}; remove 'simplify' from stages"
+            )
+        nodes = count_nodes(dst)
+        log(f"  {dst.name}: {src.nodes} -> {nodes} nodes, max |before - after| {diff:.2e}")
+        out[label] = src.model_copy(
+            update={"file": ctx.rel(dst), "nodes": nodes, "simplified": True,
+                    "nodes_before_simplify": src.nodes, "max_abs_diff": max(diff, src.max_abs_diff)}
+        )
+    return {"onnx": OnnxModels(models=out)}

@@ -1,0 +1,44 @@
+"""``train``: plain supervised training of the loaded model (for models without pretrained weights)."""
+
+from __future__ import annotations
+
+from xpdeploy.artifacts import Artifact, TorchModel
+from xpdeploy.data.sources import open_split
+from xpdeploy.fileio import write_json_atomic
+from xpdeploy.models.arch import rebuild_model, save_model
+from xpdeploy.stages.context import StageContext
+from xpdeploy.training.loop import train_model
+
+
+def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
+    spec = ctx.spec
+    assert spec.train is not None  # checked by PipelineSpec.check_runnable
+    net = rebuild_model(model.arch, ctx.path(model.weights_file))
+    classes = model.arch.num_classes
+    train_set = open_split(spec.data, model.data_config, "train", num_classes=classes,
+                           seed=spec.seed)
+    val_set = open_split(spec.data, model.data_config, "val", num_classes=classes, seed=spec.seed)
+    result = train_model(
+        net,
+        train_set,
+        None if val_set.synthetic else val_set,
+        spec.train,
+        checkpoint_dir=ctx.stage_dir / "checkpoints",
+        fingerprint=ctx.fingerprint,
+        seed=spec.seed,
+        eval_batch_size=spec.data.batch_size,
+        workers=spec.data.workers,
+    )
+    write_json_atomic(ctx.stage_dir / "history.json", result.history)
+    arch_path, weights_path = save_model(net, model.arch, ctx.stage_dir)
+    return {
+        "model": model.model_copy(
+            update={
+                "arch_file": ctx.rel(arch_path),
+                "weights_file": ctx.rel(weights_path),
+                "top1": result.final_top1,
+                "top1_samples": len(val_set) if result.final_top1 is not None else 0,
+                "epochs_trained": model.epochs_trained + result.epochs,
+            }
+        )
+    }

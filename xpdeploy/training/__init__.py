@@ -1,0 +1,1 @@
+"""Training loops shared by the training stages (train now; finetune and learn_masks later)."""

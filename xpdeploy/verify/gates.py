@@ -1,0 +1,138 @@
+"""Pass/fail gates of a candidate vs the original (``verify.gates`` in the pipeline file).
+
+A gate set to ``null`` is off and yields no result. A gate that is on but cannot be measured is
+reported explicitly: the top-1 gate on synthetic data is *skipped* (value ``None``, detail says
+why), never shown as a measured pass. A NaN value fails its gate, because NaN never compares as
+within a limit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from xpdeploy.artifacts import GateResult
+from xpdeploy.spec import GatesConfig
+
+SKIPPED_SYNTHETIC = "skipped: synthetic data has no accuracy"
+SKIPPED_NO_TOP1 = "skipped: no top-1 accuracy was measured"
+
+
+def _pair(value: float, limit: float, spec: str) -> tuple[str, str]:
+    """Format value and limit with ``spec``; add digits where unequal values would look equal.
+
+    Without this, agreement 0.98999 against a 0.99 limit would read "0.99 < 0.99".
+    """
+    a, b = format(value, spec), format(limit, spec)
+    if a != b or value == limit or math.isnan(value):
+        return a, b
+    for digits in range(4, 18):
+        a, b = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        if a != b:
+            return a, b
+    return repr(value), repr(limit)
+
+
+def _check(
+    name: str,
+    label: str,
+    value: float,
+    limit: float,
+    *,
+    at_most: bool,
+    spec: str,
+    unit: str = "",
+) -> GateResult:
+    """``value <= limit`` (at_most) or ``value >= limit``; the detail states the comparison.
+
+    ``spec`` is the format of both numbers in the detail, e.g. ".4g" or ".2e".
+    """
+    passed = value <= limit if at_most else value >= limit
+    op = ("<=" if passed else ">") if at_most else (">=" if passed else "<")
+    v, lim = _pair(value, limit, spec)
+    detail = f"{label} {v}{unit} {op} {lim}{unit}"
+    return GateResult(name=name, value=value, limit=limit, passed=passed, detail=detail)
+
+
+def evaluate_gates(
+    gates: GatesConfig,
+    *,
+    top1_delta: float | None,
+    agreement: float,
+    max_abs_diff: float,
+    cosine: float,
+    speedup: dict[int, float],
+    synthetic: bool,
+) -> list[GateResult]:
+    """One :class:`GateResult` per gate that is on, in the order of :class:`GatesConfig`.
+
+    top1_delta: candidate top-1 minus original top-1, in percentage points (negative = a drop).
+    agreement: share (0..1) of samples with the original's top-1 class.
+    max_abs_diff: largest absolute logit difference. cosine: mean logit cosine similarity.
+    speedup: batch size -> original p50 / candidate p50; the gate reads the worst batch size.
+    """
+    out: list[GateResult] = []
+    g = gates
+    if g.max_top1_drop is not None:
+        if synthetic or top1_delta is None:
+            detail = SKIPPED_SYNTHETIC if synthetic else SKIPPED_NO_TOP1
+            out.append(
+                GateResult(
+                    name="max_top1_drop",
+                    value=None,
+                    limit=g.max_top1_drop,
+                    passed=True,
+                    detail=detail,
+                )
+            )
+        else:
+            drop = -top1_delta  # percentage points lost; negative when the candidate is better
+            out.append(
+                _check(
+                    "max_top1_drop",
+                    "top-1 drop",
+                    drop,
+                    g.max_top1_drop,
+                    at_most=True,
+                    spec=".2f",
+                    unit=" pts",
+                )
+            )
+    if g.min_agreement is not None:
+        out.append(
+            _check(
+                "min_agreement", "agreement", agreement, g.min_agreement, at_most=False, spec=".4g"
+            )
+        )
+    if g.max_abs_diff is not None:
+        out.append(
+            _check(
+                "max_abs_diff",
+                "max abs diff",
+                max_abs_diff,
+                g.max_abs_diff,
+                at_most=True,
+                spec=".2e",
+            )
+        )
+    if g.min_cosine is not None:
+        out.append(_check("min_cosine", "cosine", cosine, g.min_cosine, at_most=False, spec=".6f"))
+    if g.min_speedup is not None:
+        out.append(_speedup_gate(speedup, g.min_speedup))
+    return out
+
+
+def _speedup_gate(speedup: dict[int, float], limit: float) -> GateResult:
+    """The slowest batch size decides: a model faster at batch 32 but slower at 1 is not faster."""
+    if not speedup:
+        return GateResult(
+            name="min_speedup",
+            value=None,
+            limit=limit,
+            passed=False,
+            detail="no latency was measured, so the speedup gate cannot pass",
+        )
+    batch, worst = min(speedup.items(), key=lambda kv: (kv[1], kv[0]))
+    if any(math.isnan(s) for s in speedup.values()):
+        batch, worst = next((b, s) for b, s in speedup.items() if math.isnan(s))
+    res = _check("min_speedup", "speedup", worst, limit, at_most=False, spec=".2f", unit="x")
+    return res.model_copy(update={"detail": f"{res.detail} (batch {batch})"})

@@ -1,10 +1,10 @@
 """Typed artifacts that flow between stages (design.md section 2).
 
-Artifacts are pydantic models so that they serialise to JSON (``artifact.json`` in each stage folder)
-and validate when read back. File references are strings **relative to the run folder**, so a run
-folder (or a device bundle made from it) can be moved and still resolves; stages turn them into paths
-with ``run_dir / ref``. An artifact's digest covers its JSON and the content of every file it names,
-which is what the resume logic compares.
+Artifacts are pydantic models so that they serialise to JSON (in each stage's manifest) and
+validate when read back. File references are strings **relative to the run folder**, so a run
+folder (or a device bundle made from it) can be moved and still resolves; stages turn them into
+paths with ``run_dir / ref``. An artifact's digest covers its JSON and the content of every file
+it names, which is what the resume logic compares.
 """
 
 from __future__ import annotations

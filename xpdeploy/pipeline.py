@@ -6,6 +6,7 @@ each stage whether to reuse its outputs (manifest fingerprint matches), rerun it
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
 from collections.abc import Callable
@@ -192,7 +193,7 @@ def run_pipeline(
     until: str | None = None,
     force: bool = False,
 ) -> PipelineResult:
-    """Run ``spec`` in ``run_dir``; raise :class:`ParityError` (after the report) on a failed gate."""
+    """Run ``spec`` in ``run_dir``; raise :class:`ParityError` after the report on a failed gate."""
     spec.check_runnable()
     stages = spec.stage_list()
     _check_stage_option("--from", from_stage, stages)
@@ -206,10 +207,8 @@ def run_pipeline(
     parity = run_report = None
     with folder.locked():
         folder.write_pipeline(spec)
-        try:
+        with contextlib.suppress(_UntilReached):
             parity, run_report = _flow(ex)
-        except _UntilReached:
-            pass
     result = PipelineResult(
         name=spec.name,
         run_dir=run_dir,

@@ -16,7 +16,7 @@ QUIET_S = 2.0  # seconds between plain progress lines off a terminal
 
 
 def _fmt_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     m, s = divmod(seconds, 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

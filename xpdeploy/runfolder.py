@@ -9,10 +9,10 @@ Layout (design.md section 2)::
       ...
       report.json report.md latency.png
 
-A stage counts as done only when its ``manifest.json`` exists, its fingerprint (digest of the stage's
-resolved config and of its input artifacts) equals the current one, and every output file still has
-the digest recorded. The manifest is written last and atomically, and removed before a stage reruns,
-so a process killed at any moment leaves either a complete stage or one that reruns.
+A stage counts as done only when its ``manifest.json`` exists, its fingerprint (digest of the
+stage's resolved config and of its input artifacts) equals the current one, and every output file
+still has the digest recorded. The manifest is written last and atomically, and removed before a
+stage reruns, so a process killed at any moment leaves either a complete stage or one that reruns.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="overrides for timm.create_model: img_size, depth, ..."
     )
-    pretrained: bool = Field(False, description="download timm's pretrained weights (needs network)")
+    pretrained: bool = Field(False, description="download timm's pretrained weights (network)")
     checkpoint: Path | None = Field(None, description="a .pth/.pt/.safetensors state dict")
 
     @model_validator(mode="after")
@@ -124,7 +124,7 @@ class ExportOnnxConfig(Section):
     """``export_onnx``: opset, trace batch and the torch-vs-onnxruntime parity tolerance."""
 
     opset: int = Field(17, ge=13, le=23)
-    trace_batch: int = Field(2, gt=0, description="batch used for tracing (>1 keeps the axis dynamic)")
+    trace_batch: int = Field(2, gt=0, description="batch used for tracing (>1: axis stays dynamic)")
     dynamic_batch: bool = True
     parity_atol: float = Field(1e-4, gt=0, description="max abs logit difference allowed")
 

@@ -106,6 +106,11 @@ def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
     img = Image.fromarray(grey16)
     assert img.mode.startswith("I;16")
     assert np.asarray(to_rgb(img))[0, 0].tolist() == [127, 127, 127]
+    as_int32 = Image.fromarray(grey16.astype(np.int32))  # how older Pillows open 16-bit PNGs
+    assert as_int32.mode == "I"
+    assert np.asarray(to_rgb(as_int32))[0, 0].tolist() == [127, 127, 127]
+    eight_bit = Image.fromarray(np.full((4, 4), 200, dtype=np.uint8)).convert("I")
+    assert np.asarray(to_rgb(eight_bit))[0, 0].tolist() == [200, 200, 200]
 
 
 def test_two_calls_are_byte_identical() -> None:

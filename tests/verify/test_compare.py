@@ -80,3 +80,17 @@ def test_top1_percent() -> None:
 def test_top1_label_count_mismatch() -> None:
     with pytest.raises(ValueError, match="3 labels"):
         top1(np.zeros((4, 2)), np.zeros(3, dtype=np.int64))
+
+
+def test_verify_and_report_import_without_torch() -> None:
+    """Device machines have no torch: these packages must not pull it (or onnx/timm) in."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, xpdeploy.verify, xpdeploy.report; "
+        "bad = [m for m in ('torch', 'timm', 'onnx', 'matplotlib') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -9,8 +9,9 @@ Only numpy and Pillow are used: this module runs on torch-free device machines.
 
 Steps, in this order:
 
-1. Convert any Pillow mode to 8-bit RGB (16-bit grey ``I;16*``/``I`` is scaled by 1/257; palette
-   images with transparency go through RGBA; alpha is dropped, as timm does).
+1. Convert any Pillow mode to 8-bit RGB (16-bit grey ``I;16*`` is scaled by 1/257, as is ``I``
+   when a value exceeds 255; palette images with transparency go through RGBA; alpha is dropped,
+   as timm does).
 2. Resize, keeping the aspect ratio, so that the image covers ``floor(H / crop_pct)`` x
    ``floor(W / crop_pct)`` pixels (for a square input: the short side becomes
    ``floor(size / crop_pct)``, as in timm's eval transform), with the config's interpolation.
@@ -54,7 +55,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in _SIXTEEN_BIT:
         grey = np.asarray(img).astype(np.float64)
-        grey8 = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+        # 'I' (32-bit) holds 16-bit files in older Pillows but also 8-bit values converted up:
+        # only values above 255 tell that it is the 16-bit range.
+        if img.mode != "I" or grey.max(initial=0) > 255:
+            grey = grey / 257.0
+        grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
         return Image.fromarray(grey8).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

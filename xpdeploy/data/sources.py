@@ -213,6 +213,9 @@ def _open_imagefolder(
 ) -> ImageFolderSplit:
     folder = _split_dir(section, split)
     classes = _class_dirs(folder)
+    if classes:  # checked before listing the images, which takes seconds for ImageNet
+        _check_same_classes(section, split, classes)
+        _check_model_classes(classes, num_classes)
     files: list[Path] = []
     labels: list[int] = []
     empty: list[str] = []
@@ -235,8 +238,6 @@ def _open_imagefolder(
             f"class folders without images in {folder}: {_names(empty)}; add images "
             f"({', '.join(IMAGE_EXTENSIONS)}) or remove the folders"
         )
-    _check_same_classes(section, split, classes)
-    _check_model_classes(classes, num_classes)
     return ImageFolderSplit(
         files, np.asarray(labels, dtype=np.int64), classes, data_config, f"imagefolder:{folder}"
     )

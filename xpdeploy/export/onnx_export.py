@@ -9,37 +9,19 @@ measure pruning, not a difference of export paths (design.md section 6).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpdeploy.errors import ExportError
 from xpdeploy.fileio import write_with
+from xpdeploy.models.attention import plain_attention
 
 if TYPE_CHECKING:
     from torch import nn
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
-
-
-@contextlib.contextmanager
-def plain_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch timm's fused scaled-dot-product attention off for the duration (then restore).
-
-    timm's ``Attention`` modules read the ``fused_attn`` attribute in ``forward``; setting it is a
-    documented switch, not a patch of ``forward``.
-    """
-    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
-    try:
-        for m, _ in saved:
-            m.fused_attn = False
-        yield model
-    finally:
-        for m, value in saved:
-            m.fused_attn = value
 
 
 def export_onnx(

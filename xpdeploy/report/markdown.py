@@ -134,7 +134,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     data, orig = report["data"], report["original"]
     synthetic = bool(data["synthetic"])
     verdict = "PASSED" if report["status"] == "passed" else "FAILED"
-    lines = [f"# {report['title']}: {verdict}", ""]
+    lines = [f"# {report['title']} — {verdict}", ""]
     lines.append(
         f"Pipeline `{report['pipeline']}` · created {report['created']} · "
         f"{report['threads']} CPU threads · run folder `{report['run_dir']}`"

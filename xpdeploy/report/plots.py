@@ -112,5 +112,6 @@ def _draw_panel(ax: Any, batch: int, bars: list[Bar]) -> None:
     ax.set_ylim(0, top * 1.18)
     ax.set_xticks(xs)
     ax.set_xticklabels([])
+    ax.tick_params(axis="x", length=0)
     ax.set_title(f"batch {batch}")
     ax.set_ylabel("p50 latency (ms)")

@@ -1,4 +1,4 @@
-"""``train``: plain supervised training of the loaded model (for models without pretrained weights)."""
+"""``train``: plain supervised training of the loaded model (models without pretrained weights)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from xpdeploy.progress import log, progress
 from xpdeploy.training.evaluate import evaluate_top1
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
     from torch.utils.data import Dataset
 
@@ -107,7 +106,7 @@ def train_model(
     n = len(train_set)  # type: ignore[arg-type]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -155,7 +154,7 @@ def train_model(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                loss_sum += float(loss) * labels.numel()
+                loss_sum += loss.item() * labels.numel()
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += labels.numel()
                 advance(loss=loss_sum / seen)

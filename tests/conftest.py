@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny DeiT-shaped ViT on digits, small enough for a run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_MODEL = {
+    "name": "deit_tiny_patch16_224",
+    "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+               "num_classes": 10},
+}
+
+
+def tiny_pipeline_dict(**sections: Any) -> dict[str, Any]:
+    """A complete, fast pipeline (digits, 1 epoch); keyword arguments replace whole sections."""
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "stages": ["load", "train", "export_onnx", "simplify", "verify", "report"],
+        "model": TINY_MODEL,
+        "data": {
+            "source": "digits",
+            "verify_samples": 64,
+            "batch_size": 64,
+            "preprocess": {"size": 16, "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5],
+                           "std": [0.5, 0.5, 0.5]},
+        },
+        "train": {"epochs": 1, "batch_size": 64, "lr": 2e-3, "warmup_epochs": 0},
+        "verify": {"batch_sizes": [1, 4], "warmup": 1, "iters": 3},
+        "report": {"plots": False},
+    }
+    spec.update(sections)
+    return spec
+
+
+def write_pipeline(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path: Path) -> Path:
+    """Path of a tiny pipeline file in a temporary folder."""
+    return write_pipeline(tmp_path / "tiny.yaml", tiny_pipeline_dict())

@@ -1,0 +1,127 @@
+"""Pipeline files: validation messages, interpolation, overrides, shipped pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_pipeline_dict, write_pipeline
+from xpdeploy.errors import ConfigError
+from xpdeploy.spec import dump_spec, load_spec, parse_override
+
+PIPELINES = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
+
+
+def _load(tmp_path: Path, spec: dict, overrides: tuple[str, ...] = ()):
+    return load_spec(write_pipeline(tmp_path / "p.yaml", spec), overrides)
+
+
+def test_valid_pipeline_fills_defaults(tmp_path: Path) -> None:
+    spec = _load(tmp_path, tiny_pipeline_dict())
+    assert spec.export_onnx.opset == 17
+    assert spec.verify.gates.min_agreement == 0.99
+    assert spec.stage_list()[0] == "load"
+    assert "opset: 17" in dump_spec(spec)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict()
+    d["train"]["epocs"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key 'epocs' in section 'train'; did you mean "
+                                          r"'epochs'\?"):
+        _load(tmp_path, d)
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict()
+    d["prun"] = {}
+    with pytest.raises(ConfigError, match="unknown key 'prun' at the top level"):
+        _load(tmp_path, d)
+
+
+def test_wrong_type_names_path_and_expected_type(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict()
+    d["train"]["epochs"] = "many"
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got 'many'"):
+        _load(tmp_path, d)
+
+
+def test_literal_suggests(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict()
+    d["data"]["source"] = "digit"
+    with pytest.raises(ConfigError, match=r"data\.source: 'digit' is not one of .*did you mean "
+                                          r"'digits'"):
+        _load(tmp_path, d)
+
+
+def test_stage_typo_in_stages(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict(stages=["load", "trian"])
+    with pytest.raises(ConfigError, match="unknown stage 'trian'; did you mean 'train'"):
+        _load(tmp_path, d)
+
+
+def test_env_interpolation_with_default_and_value(tmp_path: Path, monkeypatch) -> None:
+    d = tiny_pipeline_dict()
+    d["data"] = {"source": "imagefolder", "root": "${XPD_TEST_ROOT:-/fallback}"}
+    d["train"]["epochs"] = "${XPD_TEST_EPOCHS:-4}"
+    monkeypatch.delenv("XPD_TEST_ROOT", raising=False)
+    monkeypatch.delenv("XPD_TEST_EPOCHS", raising=False)
+    spec = _load(tmp_path, d)
+    assert str(spec.data.root) == "/fallback" and spec.train.epochs == 4
+    monkeypatch.setenv("XPD_TEST_ROOT", "/real")
+    assert str(_load(tmp_path, d).data.root) == "/real"
+
+
+def test_env_missing_without_default(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("XPD_NOT_SET", raising=False)
+    d = tiny_pipeline_dict()
+    d["data"] = {"source": "imagefolder", "root": "${XPD_NOT_SET}"}
+    with pytest.raises(ConfigError, match=r"data\.root: environment variable XPD_NOT_SET is not "
+                                          r"set"):
+        _load(tmp_path, d)
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path: Path) -> None:
+    spec = _load(tmp_path, tiny_pipeline_dict(), ("train.epochs=7", "verify.batch_sizes=[2, 1]"))
+    assert spec.train.epochs == 7 and spec.verify.batch_sizes == [1, 2]
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast'"):
+        _load(tmp_path, tiny_pipeline_dict(), ("train.lr=fast",))
+    with pytest.raises(ConfigError, match="unknown key 'lrr' in section 'train'; did you mean"):
+        _load(tmp_path, tiny_pipeline_dict(), ("train.lrr=0.1",))
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        _load(tmp_path, tiny_pipeline_dict(), ("seed.x=1",))
+
+
+def test_parse_override_requires_equals() -> None:
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
+        parse_override("train.epochs")
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_spec(bad)
+
+
+def test_imagefolder_needs_root(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict()
+    d["data"] = {"source": "imagefolder"}
+    with pytest.raises(ConfigError, match="needs 'root'"):
+        _load(tmp_path, d)
+
+
+def test_unavailable_stage_is_refused_at_run_time(tmp_path: Path) -> None:
+    spec = _load(tmp_path, tiny_pipeline_dict(stages=["load", "build_engine"]))
+    with pytest.raises(ConfigError, match="stage 'build_engine' is not available"):
+        spec.check_runnable()
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_shipped_pipelines_validate(path: Path) -> None:
+    spec = load_spec(path)
+    spec.check_runnable()

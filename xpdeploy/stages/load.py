@@ -17,7 +17,10 @@ from xpdeploy.training.evaluate import evaluate_top1
 
 
 def run(ctx: StageContext) -> dict[str, Artifact]:
+    import torch
+
     spec = ctx.spec
+    torch.manual_seed(spec.seed)  # random init (models trained from scratch) is reproducible
     model = create_model(spec.model)
     data_config = resolve_data_config(model, spec.data.preprocess)
     arch = describe_arch(model, spec.model.name, spec.model.kwargs)

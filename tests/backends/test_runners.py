@@ -1,0 +1,47 @@
+"""Runners: torch and onnxruntime behind one interface give the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_MODEL
+from xpdeploy.artifacts import TorchModel
+from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.backends.torch_runner import TorchRunner
+from xpdeploy.errors import MissingDependencyError
+from xpdeploy.export.onnx_export import export_onnx
+from xpdeploy.models.arch import describe_arch, save_model
+from xpdeploy.models.data_config import resolve_data_config
+from xpdeploy.models.factory import create_model
+from xpdeploy.spec import ModelConfig, PreprocessConfig
+from xpdeploy.verify.latency import Runner
+from xpdeploy.verify.outputs import infer_all
+
+
+def test_torch_and_ort_runners_agree(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = create_model(ModelConfig(**TINY_MODEL))
+    arch = describe_arch(net, TINY_MODEL["name"], TINY_MODEL["kwargs"])
+    arch_path, weights = save_model(net, arch, tmp_path)
+    artifact = TorchModel(
+        label="original", arch_file=arch_path.name, weights_file=weights.name, arch=arch,
+        data_config=resolve_data_config(net, PreprocessConfig(size=16)), gmacs=0.0, params_m=0.0,
+    )
+    export_onnx(net, tmp_path / "m.onnx", input_size=(3, 16, 16), opset=17, trace_batch=2,
+                dynamic_batch=True)
+    x = np.random.default_rng(0).standard_normal((7, 3, 16, 16)).astype(np.float32)
+    with TorchRunner(artifact, tmp_path, threads=1) as t, OrtRunner(tmp_path / "m.onnx") as o:
+        assert isinstance(t, Runner) and isinstance(o, Runner)
+        assert t.name == "torch-cpu-fp32" and o.name == "ort-cpu-fp32"
+        ref = infer_all(t, x, 3)
+        np.testing.assert_allclose(infer_all(o, x, 3), ref, atol=1e-4)
+        np.testing.assert_allclose(infer_all(o, x, 4, fixed_batch=True), ref, atol=1e-4)
+
+
+def test_missing_provider_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(MissingDependencyError, match="TensorrtExecutionProvider is not available"):
+        OrtRunner(tmp_path / "m.onnx", provider="TensorrtExecutionProvider").__enter__()

@@ -53,6 +53,11 @@ class ModelConfig(Section):
     pretrained: bool = Field(False, description="download timm's pretrained weights (network)")
     checkpoint: Path | None = Field(None, description="a .pth/.pt/.safetensors state dict")
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _expand_home(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else v
+
     @model_validator(mode="after")
     def _one_weight_source(self) -> ModelConfig:
         if self.pretrained and self.checkpoint is not None:
@@ -84,6 +89,11 @@ class DataConfigSection(Section):
     batch_size: int = Field(64, gt=0, description="evaluation batch size")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+    @field_validator("root")
+    @classmethod
+    def _expand_home(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else v
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> DataConfigSection:

@@ -71,7 +71,10 @@ def test_unknown_model_name_suggests() -> None:
 
 
 def test_pretrained_offline_says_to_use_checkpoint(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # What HF_HUB_OFFLINE=1 does (the library reads the variable once, at import).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match=r"model\.checkpoint"):
         create_model(ModelConfig(name="deit_tiny_patch16_224", pretrained=True,
                                  kwargs={"num_classes": 10}))

@@ -42,10 +42,13 @@ def create_model(cfg: ModelConfig) -> nn.Module:
         raise ModelError(f"model.kwargs {cfg.kwargs} do not fit {cfg.name}: {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if cfg.pretrained:
+            reason = str(e).splitlines()[0] if str(e) else ""
+            reason = reason if len(reason) <= 100 else reason[:97] + "..."
             raise ModelError(
                 f"could not fetch pretrained weights for {cfg.name} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:160]}); when offline, download them elsewhere and set "
-                "model.pretrained: false and model.checkpoint: PATH"
+                f"{reason}); when offline, download them elsewhere and set "
+                "model.pretrained: false and model.checkpoint: PATH (HF_HUB_OFFLINE=1 makes this "
+                "check fail fast)"
             ) from None
         raise ModelError(f"cannot build {cfg.name} with kwargs {cfg.kwargs}: {e}") from None
     if cfg.checkpoint is not None:

@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xpdeploy.artifacts import DataConfig
+from tests.data import CFG
 from xpdeploy.data.preprocess import preprocess_array, preprocess_image, to_rgb
 from xpdeploy.errors import DataError
-
-CFG = DataConfig(
-    input_size=(3, 32, 32),
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
-    interpolation="bicubic",
-    crop_pct=1.0,
-)
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

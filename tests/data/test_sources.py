@@ -9,19 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from xpdeploy.artifacts import DataConfig
+from tests.data import CFG
 from xpdeploy.data.preprocess import preprocess_image
 from xpdeploy.data.sources import ArraySplit, open_split
 from xpdeploy.errors import DataError
 from xpdeploy.spec import DataConfigSection
-
-CFG = DataConfig(
-    input_size=(3, 32, 32),
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
-    interpolation="bicubic",
-    crop_pct=1.0,
-)
 
 
 def _save(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from xpdeploy.artifacts import CandidateResult, LatencyStats, ParityReport
+from xpdeploy.report.schema import build_report
 from xpdeploy.spec import GatesConfig
 from xpdeploy.verify.gates import evaluate_gates
 
@@ -105,3 +108,17 @@ def make_parity(synthetic: bool = False) -> ParityReport:
         candidates=[good, bad],
         passed=good.passed and bad.passed,
     )
+
+
+def make_report(synthetic: bool = False, **kw: Any) -> dict[str, Any]:
+    """``build_report`` on :func:`make_parity`; keyword arguments override its arguments."""
+    parity = make_parity(synthetic)
+    args: dict[str, Any] = {
+        "pipeline": "quickstart",
+        "run_dir": "runs/quickstart",
+        "status": "passed" if parity.passed else "failed",
+        "title": None,
+        "environment": {},
+    }
+    args.update(kw)
+    return build_report(parity, **args)

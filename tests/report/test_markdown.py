@@ -5,22 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.report import make_parity
+from tests.report import make_report
 from xpdeploy.report.markdown import fmt_ms, render_markdown, write_markdown
-from xpdeploy.report.schema import build_report
 
 
 def report(synthetic: bool = False, **kw: Any) -> dict[str, Any]:
-    parity = make_parity(synthetic)
-    args: dict[str, Any] = {
-        "pipeline": "quickstart",
-        "run_dir": "runs/quickstart",
-        "status": "passed" if parity.passed else "failed",
-        "title": None,
-        "environment": {},
-    }
-    args.update(kw)
-    return build_report(parity, **args)
+    return make_report(synthetic, **kw)
 
 
 def table_rows(md: str, header_start: str) -> list[str]:

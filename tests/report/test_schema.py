@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.report import make_parity
+from tests.report import make_parity, make_report
 from xpdeploy.report.schema import (
     REPORT_SCHEMA_VERSION,
     SYNTHETIC_NOTE,
@@ -25,17 +25,8 @@ ENV = {"python": "3.11.9", "onnxruntime": "1.18.0", "device": "cpu"}
 
 
 def report(synthetic: bool = False, **kw: Any) -> dict[str, Any]:
-    parity = make_parity(synthetic)
-    args: dict[str, Any] = {
-        "pipeline": "quickstart",
-        "run_dir": "runs/quickstart",
-        "status": "passed" if parity.passed else "failed",
-        "title": "Quickstart",
-        "environment": ENV,
-        "created": WHEN,
-    }
-    args.update(kw)
-    return build_report(parity, **args)
+    return make_report(synthetic, **{"title": "Quickstart", "environment": ENV, "created": WHEN,
+                                    **kw})
 
 
 def test_structure() -> None:

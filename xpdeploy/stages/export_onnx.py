@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from xpdeploy.artifacts import Artifact, OnnxModel, OnnxModels, TorchModel, VerifySet
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.data.verify_set import load_verify_set
-from xpdeploy.errors import ExportError
 from xpdeploy.export.onnx_export import count_nodes, export_onnx
+from xpdeploy.export.parity import PARITY_SAMPLES, check_output_parity
 from xpdeploy.models.arch import rebuild_model
 from xpdeploy.progress import log
 from xpdeploy.stages.context import StageContext
-
-PARITY_SAMPLES = 64  # images of the verify set used for the export parity check
 
 
 def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet) -> dict[str, Artifact]:
@@ -26,12 +22,10 @@ def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet) -> dict[str
     pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
     batch = pixels if cfg.dynamic_batch else pixels[: cfg.trace_batch]
     with TorchRunner(model, ctx.run_dir) as ref, OrtRunner(path) as ort:
-        diff = float(np.abs(ref.infer(batch) - ort.infer(batch)).max())
-    if diff > cfg.parity_atol:
-        path.unlink(missing_ok=True)
-        raise ExportError(
-            f"onnxruntime output of {path.name} differs from torch by {diff:.3g} > "
-            f"export_onnx.parity_atol {cfg.parity_atol:g}; the export is wrong (try another opset)"
+        diff = check_output_parity(
+            ref, ort, batch, atol=cfg.parity_atol, artifact=path, compared_to="the torch model",
+            option="export_onnx.parity_atol", fix="the export is wrong (try another "
+            "export_onnx.opset)",
         )
     nodes = count_nodes(path)
     log(f"  {path.name}: opset {cfg.opset}, {nodes} nodes, max |torch - ort| {diff:.2e}")

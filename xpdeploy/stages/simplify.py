@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from xpdeploy.artifacts import Artifact, OnnxModels, VerifySet
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.data.verify_set import load_verify_set
-from xpdeploy.errors import ExportError
 from xpdeploy.export.onnx_export import count_nodes
+from xpdeploy.export.parity import PARITY_SAMPLES, check_output_parity
 from xpdeploy.export.simplify import simplify_onnx
 from xpdeploy.progress import log
 from xpdeploy.stages.context import StageContext
-
-PARITY_SAMPLES = 64
 
 
 def run(ctx: StageContext, onnx: OnnxModels, verify_set: VerifySet) -> dict[str, Artifact]:
@@ -25,12 +21,9 @@ def run(ctx: StageContext, onnx: OnnxModels, verify_set: VerifySet) -> dict[str,
         simplify_onnx(ctx.path(src.file), dst, skip_fuse_bn=cfg.skip_fuse_bn)
         batch = pixels if src.dynamic_batch else pixels[:1]
         with OrtRunner(ctx.path(src.file)) as before, OrtRunner(dst) as after:
-            diff = float(np.abs(before.infer(batch) - after.infer(batch)).max())
-        if diff > cfg.parity_atol:
-            dst.unlink(missing_ok=True)
-            raise ExportError(
-                f"simplified {dst.name} differs from {src.file} by {diff:.3g} > "
-                f"simplify.parity_atol {cfg.parity_atol:g}; remove 'simplify' from stages"
+            diff = check_output_parity(
+                before, after, batch, atol=cfg.parity_atol, artifact=dst, compared_to=src.file,
+                option="simplify.parity_atol", fix="remove 'simplify' from stages",
             )
         nodes = count_nodes(dst)
         log(f"  {dst.name}: {src.nodes} -> {nodes} nodes, max |before - after| {diff:.2e}")

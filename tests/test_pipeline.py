@@ -74,6 +74,8 @@ def test_until_from_and_force(tmp_path: Path) -> None:
         run_pipeline(_spec(tmp_path), run_dir, from_stage="export_onnx")
     partial = run_pipeline(_spec(tmp_path), run_dir, until="train")
     assert partial.ran == ["load", "train"] and partial.report is None
+    summary = summarize_run(run_dir)
+    assert "02_train         done" in summary and "06_export_onnx   pending" in summary
     sliced = run_pipeline(_spec(tmp_path), run_dir, from_stage="export_onnx", until="simplify")
     assert sliced.ran == ["export_onnx", "simplify"] and sliced.skipped == ["load", "train"]
     redo = run_pipeline(_spec(tmp_path), run_dir, from_stage="simplify")

@@ -149,6 +149,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{'' if synthetic or orig['top1'] is None else ' %'}, {orig['gmacs']:.3g} GMACs, "
         f"{orig['params_m']:.2f} M params"
     )
+    if not synthetic and orig.get("val_top1") is not None:
+        epochs = orig.get("epochs_trained")
+        trained = f", after {epochs} epochs of training" if epochs else ""
+        lines[-1] += (
+            f" (top-1 on the verification set; {orig['val_top1']:.2f} % on the whole val split "
+            f"of {orig.get('top1_samples')} images{trained})"
+        )
     lines.append("")
     if not report["candidates"]:
         lines += ["No candidates were verified.", ""]

@@ -36,7 +36,8 @@ def run(
     simplified: OnnxModels | None = None,
 ) -> dict[str, Artifact]:
     cfg = ctx.spec.verify
-    threads = cfg.threads or os.cpu_count() or 1
+    # CPUs this process may use (a container's affinity mask, not the host's core count).
+    threads = cfg.threads or len(os.sched_getaffinity(0))
     batch = load_verify_set(ctx.path(verify_set.file))
     synthetic = batch.synthetic
     onnx_files = [m for group in (exported, simplified) if group for m in group.models.values()]

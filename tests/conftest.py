@@ -18,6 +18,31 @@ TINY_MODEL = {
 }
 
 
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` / ``trt`` tests, with the reason, where there is no GPU or no TensorRT."""
+    gpu = any("gpu" in item.keywords for item in items) and _has_cuda()
+    trt = any("trt" in item.keywords for item in items) and _has_tensorrt()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda is not "
+                                                    "available on this machine)"))
+        if "trt" in item.keywords and not trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT's Python package (pip install "
+                                                    "'xpdeploy[tensorrt]' on a device machine)"))
+
+
 def tiny_pipeline_dict(**sections: Any) -> dict[str, Any]:
     """A complete, fast pipeline (digits, 1 epoch); keyword arguments replace whole sections."""
     spec: dict[str, Any] = {

@@ -97,7 +97,15 @@ def test_run_wrong_type(tmp_path: Path) -> None:
 
 
 def test_missing_pipeline_file(tmp_path: Path) -> None:
-    assert_one_line_error(invoke("run", tmp_path / "none.yaml"), 1, "does not exist")
+    result = invoke("run", tmp_path / "none.yaml")
+    assert_one_line_error(result, 1, "does not exist")
+    assert result.stdout.strip() == "FAILED | none | 0s | invalid pipeline"
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = invoke("run", tmp_path / "none.yaml", "--debug")
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:

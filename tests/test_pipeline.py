@@ -31,7 +31,7 @@ def _spec(tmp_path: Path, *overrides: str, **sections):
 def test_full_run_outputs_and_rerun_reuses_everything(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = run_pipeline(_spec(tmp_path), run_dir)
-    assert first.passed and first.ran == first.__dict__["ran"]
+    assert first.passed
     assert first.ran == ["load", "train", "export_onnx", "simplify", "verify", "report"]
     report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
@@ -80,6 +80,8 @@ def test_until_from_and_force(tmp_path: Path) -> None:
     assert sliced.ran == ["export_onnx", "simplify"] and sliced.skipped == ["load", "train"]
     redo = run_pipeline(_spec(tmp_path), run_dir, from_stage="simplify")
     assert redo.ran[0] == "simplify" and "export_onnx" in redo.skipped
+    from_first = run_pipeline(_spec(tmp_path), run_dir, from_stage="load", until="load")
+    assert from_first.ran == ["load"]
     forced = run_pipeline(_spec(tmp_path), run_dir, force=True)
     assert len(forced.ran) == 6
     with pytest.raises(ConfigError, match="comes after"):

@@ -125,3 +125,12 @@ def test_unavailable_stage_is_refused_at_run_time(tmp_path: Path) -> None:
 def test_shipped_pipelines_validate(path: Path) -> None:
     spec = load_spec(path)
     spec.check_runnable()
+
+
+def test_stage_dependencies_are_checked(tmp_path: Path) -> None:
+    spec = _load(tmp_path, tiny_pipeline_dict(stages=["load", "simplify"]))
+    with pytest.raises(ConfigError, match="stage 'simplify' needs 'export_onnx'"):
+        spec.check_runnable()
+    spec = _load(tmp_path, tiny_pipeline_dict(stages=["load", "export_onnx", "report"]))
+    with pytest.raises(ConfigError, match="stage 'report' needs 'verify'"):
+        spec.check_runnable()

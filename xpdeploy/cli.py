@@ -90,7 +90,11 @@ def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_s
     from xpdeploy.spec import load_spec
 
     t0 = time.monotonic()
-    spec = _guarded(debug, lambda: load_spec(pipeline, overrides))
+    spec = _guarded(
+        debug,
+        lambda: load_spec(pipeline, overrides),
+        on_error=lambda: click.echo(f"FAILED | {pipeline.stem} | 0s | invalid pipeline"),
+    )
     folder = run_dir or Path("runs") / spec.name
 
     def failed_line() -> None:

@@ -83,6 +83,7 @@ class StageExecutor:
     ) -> None:
         self.spec, self.folder = spec, folder
         self.stages = spec.stage_list()
+        self.from_stage = from_stage
         self.from_index = self.stages.index(from_stage) if from_stage else 0
         self.until = until
         self.force = force
@@ -99,8 +100,7 @@ class StageExecutor:
         input_digests = {k: v.digest(self.folder.root) for k, v in present.items()}
         fingerprint = sha256_json({"config": config, "inputs": input_digests})
         before_slice = self.stages.index(stage) < self.from_index
-        forced = self.force or (not before_slice and self.stages.index(stage) == self.from_index
-                                and self.from_index > 0)
+        forced = self.force or stage == self.from_stage  # --from STAGE reruns STAGE itself
         cached = None if forced else self.folder.current_outputs(stage, fingerprint)
         if cached is not None:
             log(f"[{stage}] unchanged since the last run: reused ({stage_folder_name(stage)}/)")
@@ -149,8 +149,6 @@ class StageExecutor:
         )
         log(f"[{stage}] done in {format_duration(duration)}")
         self.ran.append(stage)
-        # Later stages must see their inputs change, so forcing only applies to this one stage
-        # unless --force was given for the whole run.
         return outputs
 
 
@@ -168,8 +166,6 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
             "export_onnx", export_onnx.run, {"model": model, "verify_set": verify_set}
         )["onnx"]
     if ex.wants("simplify"):
-        if exported is None:
-            raise ConfigError("stage 'simplify' needs 'export_onnx' in the pipeline's stages")
         simplified = ex.step(
             "simplify", simplify.run, {"onnx": exported, "verify_set": verify_set}
         )["onnx"]

@@ -34,6 +34,9 @@ STAGE_ORDER: tuple[str, ...] = (
 #: Stages this version can run; the others are accepted in files but refused by ``run``.
 AVAILABLE_STAGES: tuple[str, ...] = ("load", "train", "export_onnx", "simplify", "verify", "report")
 
+#: Stages that consume another stage's output.
+STAGE_NEEDS: dict[str, str] = {"simplify": "export_onnx", "report": "verify"}
+
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
 
 
@@ -238,8 +241,12 @@ class PipelineSpec(Section):
                     f"stage '{s}' is not available in this xpdeploy version (available: "
                     f"{', '.join(AVAILABLE_STAGES)}); remove it from 'stages'"
                 )
-        if "train" in self.stage_list() and self.train is None:
+        stages = self.stage_list()
+        if "train" in stages and self.train is None:
             raise ConfigError("stage 'train' is listed but the pipeline has no 'train:' section")
+        for stage, needs in STAGE_NEEDS.items():
+            if stage in stages and needs not in stages:
+                raise ConfigError(f"stage '{stage}' needs '{needs}' in 'stages'; add it")
 
 
 # --------------------------------------------------------------------------------------------------

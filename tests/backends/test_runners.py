@@ -45,3 +45,20 @@ def test_torch_and_ort_runners_agree(tmp_path: Path) -> None:
 def test_missing_provider_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MissingDependencyError, match="TensorrtExecutionProvider is not available"):
         OrtRunner(tmp_path / "m.onnx", provider="TensorrtExecutionProvider").__enter__()
+
+
+@pytest.mark.gpu
+def test_ort_cuda_provider_matches_cpu(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here is the CPU build (pip install onnxruntime-gpu)")
+    net = create_model(ModelConfig(**TINY_MODEL))
+    export_onnx(net, tmp_path / "m.onnx", input_size=(3, 16, 16), opset=17, trace_batch=2,
+                dynamic_batch=True)
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    with OrtRunner(tmp_path / "m.onnx") as cpu, OrtRunner(
+        tmp_path / "m.onnx", provider="CUDAExecutionProvider"
+    ) as gpu:
+        assert gpu.name == "ort-cuda-fp32"
+        np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3)

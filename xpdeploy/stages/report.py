@@ -12,10 +12,7 @@ from xpdeploy.stages.context import StageContext
 
 def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
         ) -> dict[str, Artifact]:
-    if parity is None:
-        from xpdeploy.errors import ConfigError
-
-        raise ConfigError("stage 'report' needs 'verify' in the pipeline's stages")
+    assert parity is not None  # PipelineSpec.check_runnable: 'report' needs 'verify'
     spec = ctx.spec
     status = "passed" if parity.passed else "failed"
     report = build_report(

@@ -86,6 +86,43 @@ class TorchModel(Artifact):
         return [self.arch_file, self.weights_file]
 
 
+class MaskSet(Artifact):
+    """Learned class-wise masks (``learn_masks``): tables, unit scores, curve and plots."""
+
+    masks_file: str = Field(description="safetensors: heads.<b> and neurons.<b>, (classes, units)")
+    scores_file: str = Field(description="JSON UnitScores: s_i = sum_c |M[c, i]|")
+    history_file: str
+    plots: list[str] = Field(default_factory=list)
+    num_classes: int
+    steps: int
+    seconds: float
+    converged: bool = Field(description="share of masks still moving in the last epoch < 5%")
+    settings: dict[str, object] = Field(default_factory=dict, description="lambdas, lr, steps")
+
+    def files(self) -> list[str]:
+        return [self.masks_file, self.scores_file, self.history_file, *self.plots]
+
+
+class PrunePlan(Artifact):
+    """Kept heads and neurons per block (``plan.json``, replayable on a fresh model)."""
+
+    file: str
+    criterion: str
+    ranking: str
+    normalize: str
+    target_gmacs: float
+    gmacs_before: float
+    gmacs_after: float
+    params_before_m: float
+    params_after_m: float
+    heads_per_block: list[int]
+    mlp_per_block: list[int]
+    one_shot_top1: float | None = Field(None, description="val top-1 right after pruning")
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+
 class VerifySet(Artifact):
     """The fixed verification batch (.npz with ``pixels`` float32 NCHW and ``labels`` int64)."""
 
@@ -163,6 +200,11 @@ class CandidateResult(BaseModel):
     name: str
     runner: str
     artifact: str
+    source: str = Field("original", description="label of the torch model it was made from")
+    baseline: str = Field("original", description="what it was timed against, interleaved")
+    source_max_abs_diff: float | None = Field(
+        None, description="max abs logit difference vs its own torch source (export fidelity)"
+    )
     gmacs: float
     params_m: float
     top1: float | None
@@ -173,9 +215,9 @@ class CandidateResult(BaseModel):
     cosine: float = Field(description="mean cosine similarity of logit vectors vs the original")
     latency_ms: list[LatencyStats]
     baseline_latency_ms: list[LatencyStats] = Field(
-        description="the original, timed interleaved with this candidate in the same process"
+        description="the baseline, timed interleaved with this candidate in the same process"
     )
-    speedup: dict[int, float] = Field(description="batch -> original p50 / candidate p50")
+    speedup: dict[int, float] = Field(description="batch -> baseline p50 / candidate p50")
     gates: list[GateResult]
     passed: bool
 

@@ -51,3 +51,7 @@ class ParityError(XpdeployError):
     """At least one verification gate failed; raised after the report has been written."""
 
     exit_code = EXIT_PARITY
+
+
+class PruneError(XpdeployError):
+    """A pruning target or constraint cannot be met, or a plan does not fit the model."""

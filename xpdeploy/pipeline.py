@@ -26,6 +26,9 @@ from xpdeploy.stages.context import StageContext
 STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "load": ("seed", "model", "data", "load"),
     "train": ("seed", "data", "train"),
+    "learn_masks": ("seed", "data", "learn_masks"),
+    "prune": ("seed", "data", "prune"),
+    "finetune": ("seed", "data", "finetune"),
     "export_onnx": ("export_onnx",),
     "simplify": ("simplify",),
     "verify": ("verify",),
@@ -160,10 +163,24 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
     model, verify_set = loaded["model"], loaded["verify_set"]
     if ex.wants("train"):
         model = ex.step("train", train.run, {"model": model})["model"]
-    exported = simplified = parity = run_report = None
+    masks = pruned = plan = exported = simplified = parity = run_report = None
+    if ex.wants("learn_masks"):
+        from xpdeploy.stages import learn_masks
+
+        masks = ex.step("learn_masks", learn_masks.run, {"model": model})["masks"]
+    if ex.wants("prune"):
+        from xpdeploy.stages import prune
+
+        out = ex.step("prune", prune.run, {"model": model, "masks": masks})
+        pruned, plan = out["model"], out["plan"]
+    if ex.wants("finetune"):
+        from xpdeploy.stages import finetune
+
+        pruned = ex.step("finetune", finetune.run, {"model": pruned})["model"]
+    models = {"model": model, "pruned": pruned}
     if ex.wants("export_onnx"):
         exported = ex.step(
-            "export_onnx", export_onnx.run, {"model": model, "verify_set": verify_set}
+            "export_onnx", export_onnx.run, {**models, "verify_set": verify_set}
         )["onnx"]
     if ex.wants("simplify"):
         simplified = ex.step(
@@ -173,11 +190,13 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
         parity = ex.step(
             "verify",
             verify.run,
-            {"model": model, "verify_set": verify_set, "exported": exported,
-             "simplified": simplified},
+            {**models, "verify_set": verify_set, "exported": exported, "simplified": simplified},
         )["parity"]
     if ex.wants("report"):
-        run_report = ex.step("report", report.run, {"model": model, "parity": parity})["report"]
+        run_report = ex.step(
+            "report", report.run, {"model": model, "parity": parity, "plan": plan,
+                                   "masks": masks}
+        )["report"]
     return parity, run_report
 
 

@@ -34,8 +34,10 @@ import yaml
 from xpdeploy import __version__
 from xpdeploy.artifacts import (
     Artifact,
+    MaskSet,
     OnnxModels,
     ParityReport,
+    PrunePlan,
     RunReport,
     TorchModel,
     VerifySet,
@@ -49,7 +51,8 @@ MANIFEST = "manifest.json"
 RESOLVED_PIPELINE = "pipeline.yaml"
 KEEP_ON_RERUN = ("checkpoints",)  # resumable state survives a rerun of an unfinished stage
 ARTIFACT_TYPES: dict[str, type[Artifact]] = {
-    cls.__name__: cls for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport)
+    cls.__name__: cls
+    for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport, MaskSet, PrunePlan)
 }
 _TOOLS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt", "numpy")
 

@@ -32,10 +32,15 @@ STAGE_ORDER: tuple[str, ...] = (
     "report",
 )
 #: Stages this version can run; the others are accepted in files but refused by ``run``.
-AVAILABLE_STAGES: tuple[str, ...] = ("load", "train", "export_onnx", "simplify", "verify", "report")
+AVAILABLE_STAGES: tuple[str, ...] = (
+    "load", "train", "learn_masks", "prune", "finetune", "export_onnx", "simplify", "verify",
+    "report",
+)
 
 #: Stages that consume another stage's output.
-STAGE_NEEDS: dict[str, str] = {"simplify": "export_onnx", "report": "verify"}
+STAGE_NEEDS: dict[str, str] = {
+    "simplify": "export_onnx", "report": "verify", "finetune": "prune",
+}
 
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
 
@@ -130,7 +135,69 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
+    max_images: int | None = Field(
+        None, gt=0, description="train images per epoch (a new seeded subset each epoch)"
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class LearnMasksConfig(Section):
+    """``learn_masks``: class-wise explainability masks, trained with the backbone frozen.
+
+    Loss = CE(masked model) + lambda_sparse * L_sparse + lambda_smooth * L_smooth (method.md).
+    """
+
+    epochs: int = Field(1, gt=0, description="passes over the (possibly capped) train split")
+    max_images: int | None = Field(None, gt=0, description="cap on train images per epoch")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate (cosine decay, no weight decay)")
+    min_lr: float = Field(0.0, ge=0)
+    sparsity: Literal["l2", "l1"] = "l2"
+    lambda_sparse: float = Field(3e-3, ge=0, description="sum over units, mean over classes")
+    smoothness: Literal["class_tv", "unit_tv", "none"] = "class_tv"
+    lambda_smooth: float = Field(1e-3, ge=0)
+    project: bool = Field(False, description="clip masks to [0, 1] after every step")
+    converged_eps: float = Field(1e-3, gt=0, description="a mask 'moved' if it changed by more")
+    threads: int | None = Field(None, gt=0)
+
+
+class ThresholdConfig(Section):
+    """``prune.ranking: threshold`` (v2): learned per-(block, type) thresholds under the budget."""
+
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.02, gt=0, description="threshold learning rate")
+    multiplier_lr: float = Field(0.01, gt=0, description="gradient ascent on beta and gamma")
+    sharpness_start: float = Field(10.0, gt=0, description="n in tanh(n (s - theta)), first step")
+    sharpness_end: float = Field(100.0, gt=0, description="n at the last step (annealed)")
+    backbone_lr: float | None = Field(None, gt=0, description="also adapt the backbone (small lr)")
+
+
+class PruneConfig(Section):
+    """``prune``: scores of one criterion -> kept heads and neurons at an exact MAC budget."""
+
+    criterion: Literal["xpruner", "magnitude", "taylor", "random"] = "xpruner"
+    target_gmacs: float | None = Field(None, gt=0, description="kept MACs per image, in 1e9")
+    target_ratio: float | None = Field(None, gt=0, lt=1, description="kept / original MACs")
+    ranking: Literal["global", "threshold"] = "global"
+    normalize: Literal["type", "block", "none"] = "type"
+    min_heads_per_block: int = Field(1, ge=1)
+    round_mlp_to: int = Field(8, ge=1, description="kept MLP widths are multiples of this")
+    min_mlp_per_block: int = Field(8, ge=1, description="floor on every block's MLP width")
+    tolerance: float = Field(0.005, gt=0, lt=0.5, description="accepted shortfall below target")
+    taylor_images: int = Field(1280, gt=0, description="taylor: train images for the gradients")
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        if (self.target_gmacs is None) == (self.target_ratio is None):
+            raise ValueError("set exactly one of 'target_gmacs' and 'target_ratio'")
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    """``finetune``: recovery training of the pruned model (same options as ``train`` for now;
+    distillation from the original comes with the fine-tuning issue)."""
 
 
 class ExportOnnxConfig(Section):
@@ -167,6 +234,15 @@ class VerifyConfig(Section):
     iters: int = Field(30, gt=0, description="timed iterations per runner and batch size")
     threads: int | None = Field(None, gt=0, description="CPU threads for every runner")
     gates: GatesConfig = Field(default_factory=GatesConfig)
+    pruned_gates: GatesConfig = Field(
+        default_factory=lambda: GatesConfig(
+            max_top1_drop=5.0, min_agreement=None, max_abs_diff=None, min_cosine=None
+        ),
+        description="gates of the pruned model's candidates vs the original (accuracy, speed)",
+    )
+    max_export_diff: float | None = Field(
+        1e-3, gt=0, description="every ONNX candidate vs its own torch model: max abs logit diff"
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -206,6 +282,9 @@ class PipelineSpec(Section):
     data: DataConfigSection
     load: LoadConfig = Field(default_factory=LoadConfig)
     train: TrainConfig | None = None
+    learn_masks: LearnMasksConfig = Field(default_factory=LearnMasksConfig)
+    prune: PruneConfig | None = None
+    finetune: FinetuneConfig | None = None
     export_onnx: ExportOnnxConfig = Field(default_factory=ExportOnnxConfig)
     simplify: SimplifyConfig = Field(default_factory=SimplifyConfig)
     build_engine: BuildEngineConfig | None = None
@@ -231,6 +310,10 @@ class PipelineSpec(Section):
         default = ["load", "export_onnx", "simplify", "verify", "report"]
         if self.train is not None:
             default.insert(1, "train")
+        if self.prune is not None:
+            at = default.index("export_onnx")
+            extra = ["prune"] if self.prune.criterion != "xpruner" else ["learn_masks", "prune"]
+            default[at:at] = extra + (["finetune"] if self.finetune is not None else [])
         return default
 
     def check_runnable(self) -> None:
@@ -242,8 +325,21 @@ class PipelineSpec(Section):
                     f"{', '.join(AVAILABLE_STAGES)}); remove it from 'stages'"
                 )
         stages = self.stage_list()
-        if "train" in stages and self.train is None:
-            raise ConfigError("stage 'train' is listed but the pipeline has no 'train:' section")
+        for stage in ("train", "prune", "finetune"):
+            if stage in stages and getattr(self, stage) is None:
+                raise ConfigError(
+                    f"stage '{stage}' is listed but the pipeline has no '{stage}:' section"
+                )
+        if (
+            "prune" in stages
+            and self.prune is not None
+            and self.prune.criterion == "xpruner"
+            and "learn_masks" not in stages
+        ):
+            raise ConfigError(
+                "prune.criterion 'xpruner' needs the 'learn_masks' stage; add it to 'stages' or "
+                "choose criterion magnitude, taylor or random"
+            )
         for stage, needs in STAGE_NEEDS.items():
             if stage in stages and needs not in stages:
                 raise ConfigError(f"stage '{stage}' needs '{needs}' in 'stages'; add it")

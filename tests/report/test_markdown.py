@@ -42,10 +42,10 @@ def test_failed_report_shows_verdict_numbers_and_failed_gate() -> None:
     assert parity[3].endswith("| **FAIL**: min_agreement |")
     latency = table_rows(md, "| candidate | batch |")
     assert latency[0] == (
-        "| candidate | batch | p50 | p90 | p99 | img/s | original p50 | speedup |"
+        "| candidate | batch | p50 | p90 | p99 | img/s | baseline | baseline p50 | speedup |"
     )
-    assert latency[2] == "| pruned | 1 | 2.00 | 2.20 | 2.60 | 500 | 3.60 | 1.80x |"
-    assert latency[3] == "| pruned | 32 | 30.0 | 33.0 | 39.0 | 1067 | 54.0 | 1.80x |"
+    assert latency[2] == "| pruned | 1 | 2.00 | 2.20 | 2.60 | 500 | original | 3.60 | 1.80x |"
+    assert latency[3] == "| pruned | 32 | 30.0 | 33.0 | 39.0 | 1067 | original | 54.0 | 1.80x |"
     assert len(latency) == 2 + 4  # two candidates x two batch sizes
     for rows in (parity, latency):
         assert len({row.count("|") for row in rows}) == 1

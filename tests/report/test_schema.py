@@ -54,7 +54,7 @@ def test_structure() -> None:
     assert set(c) == {
         "name", "runner", "artifact", "gmacs", "params_m", "top1", "top1_delta", "agreement",
         "max_abs_diff", "mean_abs_diff", "cosine", "latency_ms", "baseline_latency_ms", "speedup",
-        "gates", "passed",
+        "gates", "passed", "source", "baseline", "source_max_abs_diff",
     }  # fmt: skip
     assert c["top1"] == 72.1 and c["top1_delta"] == pytest.approx(-0.4)
     assert c["agreement"] == 0.9961 and c["max_abs_diff"] == 1.2e-4 and c["passed"] is True

@@ -60,6 +60,10 @@ def rebuild_model(arch: ArchSpec, weights: Path) -> nn.Module:
     from safetensors.torch import load_file
 
     model = timm.create_model(arch.timm_name, pretrained=False, **arch.kwargs)
+    if arch.blocks and describe_arch(model, arch.timm_name, arch.kwargs).blocks != arch.blocks:
+        from xpdeploy.prune.surgery import apply_block_shapes  # a pruned model: uneven blocks
+
+        apply_block_shapes(model, arch.blocks)
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated files

@@ -105,9 +105,36 @@ def _parity_table(report: dict[str, Any], synthetic: bool) -> list[str]:
     return lines
 
 
+def _pruning_section(pruning: dict[str, Any] | None, synthetic: bool) -> list[str]:
+    """What was pruned, by which criterion, to which budget, and the explainability plots."""
+    if not pruning:
+        return []
+    lines = [
+        "## Pruning",
+        "",
+        f"Criterion `{pruning['criterion']}`, ranking `{pruning['ranking']}`: "
+        f"{pruning['gmacs_before']:.4g} -> {pruning['gmacs_after']:.4g} GMACs "
+        f"({pruning['gmacs_after'] / pruning['gmacs_before']:.1%} of the original; target "
+        f"{pruning['target_gmacs']:.4g}), {pruning['params_before_m']:.3g} -> "
+        f"{pruning['params_after_m']:.3g} M params.",
+    ]
+    if pruning.get("one_shot_top1") is not None and not synthetic:
+        lines.append(f"One-shot top-1 (right after pruning, before recovery training): "
+                     f"{pruning['one_shot_top1']:.2f} %.")
+    if pruning.get("masks_converged") is False:
+        lines.append("**The masks had not converged** (see the mask-learning curve).")
+    lines += ["", *_header(["block", "heads kept", "MLP width kept"], "rrr")]
+    for i, (h, m) in enumerate(zip(pruning["heads"], pruning["mlp"], strict=True)):
+        lines.append(_row([i, h, m]))
+    lines.append("")
+    lines += [f"![{p}]({p})" for p in pruning.get("plots", [])]
+    return [*lines, ""]
+
+
 def _latency_table(report: dict[str, Any]) -> list[str]:
-    cols = ["candidate", "batch", "p50", "p90", "p99", "img/s", "original p50", "speedup"]
-    lines = _header(cols, "lrrrrrrr")
+    cols = ["candidate", "batch", "p50", "p90", "p99", "img/s", "baseline", "baseline p50",
+            "speedup"]
+    lines = _header(cols, "lrrrrrlrr")
     for c in report["candidates"]:
         base = {row["batch"]: row for row in c["baseline_latency_ms"]}
         for row in c["latency_ms"]:
@@ -121,6 +148,7 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
                         fmt_ms(row["p90"]),
                         fmt_ms(row["p99"]),
                         fmt_rate(row["throughput"]),
+                        c.get("baseline", "original"),
                         fmt_ms(base[b]["p50"]) if b in base else NA,
                         fmt_ratio(c["speedup"].get(str(b))),
                     ]
@@ -161,12 +189,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["No candidates were verified.", ""]
         return "\n".join(lines)
 
+    lines += _pruning_section(report.get("pruning"), synthetic)
     lines += ["## Parity vs the original", "", *_parity_table(report, synthetic), ""]
     lines += [
         "## Latency (ms per batch)",
         "",
-        "The original is timed interleaved with each candidate in the same process; "
-        "speedup = original p50 / candidate p50.",
+        "Each candidate is timed interleaved with its baseline in the same process (the "
+        "original model in the same backend where there is one); speedup = baseline p50 / "
+        "candidate p50.",
         "",
         *_latency_table(report),
         "",

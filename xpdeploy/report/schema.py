@@ -99,6 +99,9 @@ def _candidate(c: CandidateResult, synthetic: bool) -> dict[str, Any]:
         "latency_ms": _latency(c.latency_ms),
         "baseline_latency_ms": _latency(c.baseline_latency_ms),
         "speedup": {str(b): float(s) for b, s in sorted(c.speedup.items())},
+        "source": c.source,
+        "baseline": c.baseline,
+        "source_max_abs_diff": c.source_max_abs_diff,
         "gates": [g.model_dump(mode="python") for g in c.gates],
         "passed": c.passed,
     }

@@ -13,13 +13,20 @@ from xpdeploy.progress import log
 from xpdeploy.stages.context import StageContext
 
 
-def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet) -> dict[str, Artifact]:
+def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet,
+        pruned: TorchModel | None = None) -> dict[str, Artifact]:
+    """Export the original and (when present) the pruned model through the same path."""
+    pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
+    out = {m.label: _export(ctx, m, pixels) for m in (model, pruned) if m is not None}
+    return {"onnx": OnnxModels(models=out)}
+
+
+def _export(ctx: StageContext, model: TorchModel, pixels) -> OnnxModel:
     cfg = ctx.spec.export_onnx
     path = ctx.stage_dir / f"{model.label}.onnx"
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     export_onnx(net, path, input_size=model.data_config.input_size, opset=cfg.opset,
                 trace_batch=cfg.trace_batch, dynamic_batch=cfg.dynamic_batch)
-    pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
     batch = pixels if cfg.dynamic_batch else pixels[: cfg.trace_batch]
     with TorchRunner(model, ctx.run_dir) as ref, OrtRunner(path) as ort:
         diff = check_output_parity(
@@ -29,8 +36,7 @@ def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet) -> dict[str
         )
     nodes = count_nodes(path)
     log(f"  {path.name}: opset {cfg.opset}, {nodes} nodes, max |torch - ort| {diff:.2e}")
-    onnx_model = OnnxModel(
+    return OnnxModel(
         label=model.label, file=ctx.rel(path), opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
         nodes=nodes, max_abs_diff=diff, gmacs=model.gmacs, params_m=model.params_m,
     )
-    return {"onnx": OnnxModels(models={model.label: onnx_model})}

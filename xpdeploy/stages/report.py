@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xpdeploy.artifacts import Artifact, ParityReport, RunReport, TorchModel
+from xpdeploy.artifacts import Artifact, MaskSet, ParityReport, PrunePlan, RunReport, TorchModel
 from xpdeploy.report.markdown import write_markdown
 from xpdeploy.report.plots import plot_latency
 from xpdeploy.report.schema import build_report, write_report_json
@@ -10,8 +10,20 @@ from xpdeploy.runfolder import tool_versions
 from xpdeploy.stages.context import StageContext
 
 
-def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
-        ) -> dict[str, Artifact]:
+def _pruning(plan: PrunePlan, masks: MaskSet | None) -> dict[str, object]:
+    return {
+        "criterion": plan.criterion, "ranking": plan.ranking, "normalize": plan.normalize,
+        "target_gmacs": plan.target_gmacs, "gmacs_before": plan.gmacs_before,
+        "gmacs_after": plan.gmacs_after, "params_before_m": plan.params_before_m,
+        "params_after_m": plan.params_after_m, "heads": plan.heads_per_block,
+        "mlp": plan.mlp_per_block, "one_shot_top1": plan.one_shot_top1, "plan": plan.file,
+        "masks_converged": masks.converged if masks else None,
+        "plots": masks.plots if masks else [],
+    }
+
+
+def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None,
+        plan: PrunePlan | None = None, masks: MaskSet | None = None) -> dict[str, Artifact]:
     assert parity is not None  # PipelineSpec.check_runnable: 'report' needs 'verify'
     spec = ctx.spec
     status = "passed" if parity.passed else "failed"
@@ -25,6 +37,10 @@ def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
         original_extra={"epochs_trained": model.epochs_trained, "top1_samples": model.top1_samples,
                         "val_top1": model.top1},
     )
+    if plan is not None:
+        report["pruning"] = _pruning(plan, masks)
+        if parity.synthetic:
+            report["pruning"]["one_shot_top1"] = None
     json_path, md_path = ctx.run_dir / "report.json", ctx.run_dir / "report.md"
     plots = []
     if spec.report.plots and parity.candidates:

@@ -6,13 +6,19 @@ from xpdeploy.artifacts import Artifact, TorchModel
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model, save_model
+from xpdeploy.spec import TrainConfig
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.loop import train_model
 
 
 def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
+    assert ctx.spec.train is not None  # checked by PipelineSpec.check_runnable
+    return train_stage(ctx, model, ctx.spec.train)
+
+
+def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig) -> dict[str, Artifact]:
+    """Train ``model`` with ``cfg`` in the stage folder (shared by ``train`` and ``finetune``)."""
     spec = ctx.spec
-    assert spec.train is not None  # checked by PipelineSpec.check_runnable
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     classes = model.arch.num_classes
     train_set = open_split(spec.data, model.data_config, "train", num_classes=classes,
@@ -22,7 +28,7 @@ def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
         net,
         train_set,
         None if val_set.synthetic else val_set,
-        spec.train,
+        cfg,
         checkpoint_dir=ctx.stage_dir / "checkpoints",
         fingerprint=ctx.fingerprint,
         seed=spec.seed,

@@ -104,7 +104,8 @@ def train_model(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     n = len(train_set)  # type: ignore[arg-type]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    per_epoch = min(n, cfg.max_images or n)
+    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -129,7 +130,8 @@ def train_model(
         log(f"  resuming from the checkpoint after epoch {start_epoch}/{cfg.epochs}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=generator)[:per_epoch]
         rng = np.random.default_rng([seed, epoch])
         loader = DataLoader(
             train_set, batch_size=cfg.batch_size, sampler=order.tolist(), num_workers=workers

@@ -1,0 +1,83 @@
+"""learn_masks -> prune -> finetune inside a real pipeline, for every criterion and ranking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_pipeline_dict, write_pipeline
+from xpdeploy.errors import ConfigError
+from xpdeploy.pipeline import run_pipeline
+from xpdeploy.report.schema import validate_report
+from xpdeploy.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+PRUNE_STAGES = ["load", "train", "learn_masks", "prune", "finetune", "export_onnx", "simplify",
+                "verify", "report"]
+
+
+def _pipeline(tmp_path: Path, criterion: str, ranking: str = "global", **extra):
+    d = tiny_pipeline_dict(stages=[s for s in PRUNE_STAGES
+                                   if criterion == "xpruner" or s != "learn_masks"])
+    d["learn_masks"] = {"epochs": 1, "batch_size": 128, "max_images": 256}
+    d["prune"] = {"criterion": criterion, "target_ratio": 0.6, "ranking": ranking,
+                  "round_mlp_to": 8, "taylor_images": 128,
+                  "threshold": {"steps": 5, "batch_size": 32}}
+    d["finetune"] = {"epochs": 1, "batch_size": 64, "max_images": 256, "warmup_epochs": 0}
+    d.update(extra)
+    return load_spec(write_pipeline(tmp_path / "p.yaml", d))
+
+
+@pytest.mark.parametrize(("criterion", "ranking"), [
+    ("xpruner", "global"), ("magnitude", "global"), ("taylor", "global"), ("random", "global"),
+    ("xpruner", "threshold"),
+])
+def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: str) -> None:
+    spec = _pipeline(tmp_path, criterion, ranking)
+    run_dir = tmp_path / "run"
+    result = run_pipeline(spec, run_dir)
+    assert result.passed, result
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    pruning = report["pruning"]
+    assert pruning["criterion"] == criterion and pruning["ranking"] == ranking
+    assert pruning["gmacs_after"] <= pruning["target_gmacs"] + 1e-12
+    assert pruning["gmacs_after"] >= pruning["target_gmacs"] * (1 - 0.05)
+    assert all(w % 8 == 0 for w in pruning["mlp"]) and all(h >= 1 for h in pruning["heads"])
+    names = {c["name"]: c for c in report["candidates"]}
+    assert {"pruned (torch)", "pruned.onnx", "pruned.sim.onnx", "original.onnx"} <= set(names)
+    assert names["pruned.sim.onnx"]["baseline"] == "original.sim.onnx"
+    assert names["pruned.onnx"]["source_max_abs_diff"] < 1e-3
+    assert names["pruned.onnx"]["gmacs"] == pytest.approx(pruning["gmacs_after"])
+    plan = json.loads((run_dir / "04_prune" / "plan.json").read_text())
+    assert [len(b["kept_heads"]) for b in plan["blocks"]] == pruning["heads"]
+    if criterion == "xpruner":
+        assert (run_dir / "03_learn_masks" / "masks_heatmap.png").is_file()
+        assert "## Pruning" in (run_dir / "report.md").read_text()
+    again = run_pipeline(spec, run_dir)
+    assert again.ran == []
+
+
+def test_xpruner_without_learn_masks_is_refused(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict(stages=["load", "prune", "export_onnx", "verify", "report"])
+    d["prune"] = {"criterion": "xpruner", "target_ratio": 0.5}
+    spec = load_spec(write_pipeline(tmp_path / "p.yaml", d))
+    with pytest.raises(ConfigError, match="needs the 'learn_masks' stage"):
+        spec.check_runnable()
+
+
+def test_impossible_target_is_one_clear_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from xpdeploy.cli import cli
+
+    d = tiny_pipeline_dict(stages=["load", "prune", "export_onnx", "verify", "report"])
+    d["prune"] = {"criterion": "magnitude", "target_ratio": 0.01}
+    pipe = write_pipeline(tmp_path / "p.yaml", d)
+    result = CliRunner().invoke(cli, ["run", str(pipe), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "GMACs" in result.stderr
+    assert not (tmp_path / "run" / "04_prune").exists()

@@ -1,0 +1,109 @@
+"""``prune``: unit scores of one criterion -> a plan at the MAC budget -> the pruned model."""
+
+from __future__ import annotations
+
+import json
+
+from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
+from xpdeploy.data.sources import open_split
+from xpdeploy.errors import ConfigError, PruneError
+from xpdeploy.fileio import write_json_atomic
+from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
+from xpdeploy.models.macs import count_gmacs, count_params_m
+from xpdeploy.progress import log
+from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.planner import PlanConstraints, plan_global, plan_summary
+from xpdeploy.prune.surgery import prune_vit
+from xpdeploy.prune.units import UnitScores
+from xpdeploy.stages.context import StageContext
+from xpdeploy.training.batches import shuffled_batches
+from xpdeploy.training.evaluate import evaluate_top1
+
+
+def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, macs: MacModel
+            ) -> UnitScores:
+    from xpdeploy.prune import criteria
+
+    spec, cfg = ctx.spec, ctx.spec.prune
+    assert cfg is not None
+    if cfg.criterion == "xpruner":
+        if masks is None:
+            raise ConfigError("prune.criterion 'xpruner' needs the output of 'learn_masks'")
+        return UnitScores.from_json(json.loads(ctx.path(masks.scores_file).read_text()))
+    if cfg.criterion == "magnitude":
+        return criteria.magnitude_scores(net)
+    if cfg.criterion == "random":
+        return criteria.random_scores(list(macs.heads), list(macs.mlp), spec.seed)
+    train = open_split(spec.data, model.data_config, "train", num_classes=model.arch.num_classes,
+                       seed=spec.seed)
+    batches = shuffled_batches(train, spec.data.batch_size, seed=spec.seed,
+                               workers=spec.data.workers)
+    return criteria.taylor_scores(net, batches, cfg.taylor_images)
+
+
+def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
+        ) -> dict[str, Artifact]:
+    spec, cfg = ctx.spec, ctx.spec.prune
+    assert cfg is not None  # PipelineSpec.check_runnable
+    net = rebuild_model(model.arch, ctx.path(model.weights_file))
+    size = model.data_config.input_size
+    macs = MacModel.from_model(net, size)
+    target = cfg.target_gmacs * 1e9 if cfg.target_gmacs is not None else (
+        cfg.target_ratio * macs.original)
+    constraints = PlanConstraints(
+        min_heads_per_block=cfg.min_heads_per_block, round_mlp_to=cfg.round_mlp_to,
+        min_mlp_per_block=cfg.min_mlp_per_block, tolerance=cfg.tolerance,
+    )
+    scores = _scores(ctx, net, model, masks, macs)
+    extra: dict[str, object] = {}
+    if cfg.ranking == "global":
+        keep = plan_global(scores, macs, target, constraints, cfg.normalize)
+    else:
+        from xpdeploy.prune.threshold import threshold_search
+
+        train = open_split(spec.data, model.data_config, "train",
+                           num_classes=model.arch.num_classes, seed=spec.seed)
+        batches = shuffled_batches(train, cfg.threshold.batch_size, seed=spec.seed,
+                                   workers=spec.data.workers)
+        result = threshold_search(net, scores.normalized(cfg.normalize), macs, batches,
+                                  cfg.threshold, target, constraints)
+        keep = result.keep
+        extra = {"thresholds": result.thresholds, "threshold_history": result.history,
+                 "backbone_adapted": result.backbone_adapted}
+    params_before = count_params_m(net)
+    prune_vit(net, keep)
+    gmacs = count_gmacs(net, size)
+    predicted = macs.macs(keep.head_counts, keep.mlp_widths) / 1e9
+    if abs(gmacs - predicted) > 1e-9:
+        raise PruneError(f"pruned model has {gmacs:.6f} GMACs but the plan predicted "
+                         f"{predicted:.6f}; this is a bug, please report it")
+    arch = describe_arch(net, model.arch.timm_name, model.arch.kwargs)
+    plan_path = ctx.stage_dir / "plan.json"
+    write_json_atomic(plan_path, {
+        "criterion": cfg.criterion, "ranking": cfg.ranking, "normalize": cfg.normalize,
+        "target_gmacs": target / 1e9, "summary": plan_summary(keep, macs),
+        "blocks": keep.to_json(), "mac_model": macs.to_json(), **extra,
+    })
+    val = open_split(spec.data, model.data_config, "val", num_classes=model.arch.num_classes,
+                     seed=spec.seed)
+    one_shot = None if val.synthetic else evaluate_top1(
+        net, val, batch_size=spec.data.batch_size, workers=spec.data.workers, label="one-shot")
+    arch_path, weights_path = save_model(net, arch, ctx.stage_dir)
+    params_after = count_params_m(net)
+    log(f"  {cfg.criterion}/{cfg.ranking}: {macs.original / 1e9:.4f} -> {gmacs:.4f} GMACs "
+        f"(target {target / 1e9:.4f}), heads {keep.head_counts}, mlp {keep.mlp_widths}"
+        + (f", one-shot top-1 {one_shot:.2f}%" if one_shot is not None else ""))
+    plan = PrunePlan(
+        file=ctx.rel(plan_path), criterion=cfg.criterion, ranking=cfg.ranking,
+        normalize=cfg.normalize, target_gmacs=target / 1e9, gmacs_before=macs.original / 1e9,
+        gmacs_after=gmacs, params_before_m=params_before, params_after_m=params_after,
+        heads_per_block=keep.head_counts, mlp_per_block=keep.mlp_widths, one_shot_top1=one_shot,
+    )
+    pruned = model.model_copy(update={
+        "label": "pruned", "arch_file": ctx.rel(arch_path), "weights_file": ctx.rel(weights_path),
+        "arch": arch, "gmacs": gmacs, "params_m": params_after, "top1": one_shot,
+        "top1_samples": len(val) if one_shot is not None else 0,
+    })
+    return {"plan": plan, "model": pruned}
+
+

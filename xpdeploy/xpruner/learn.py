@@ -1,0 +1,347 @@
+"""Stage 1 of X-Pruner: learn the class-wise masks with the backbone frozen (method.md, "Stage 1").
+
+Loss = CE(masked logits, y) + lambda_sparse * L_sparse + lambda_smooth * L_smooth; only the masks
+train, with Adam (no weight decay: decay would shrink the rows of classes absent from a batch) and
+a cosine decay from ``lr`` to ``min_lr`` over all steps.
+
+**Convergence is checked, not assumed.** Adam moves every parameter by about lr per step whatever
+its gradient, so a short run leaves most masks travelling at full speed and their scores only say
+how consistently a gradient's sign pointed one way. Each epoch therefore records the share of mask
+entries that moved more than ``converged_eps`` during it (heads and neurons apart) and the spread
+(std / mean) of the unit scores; the run is ``converged`` when under 5% of both moved in the last
+epoch, and says what to change when not.
+
+The data order of epoch e is a permutation seeded by (seed, e), as in :mod:`xpdeploy.training.loop`,
+and the optional ``max_images`` cap draws one seeded subset used by every epoch; the frozen model
+runs in eval mode (no dropout), so a run resumed from the checkpoint after epoch e gives the same
+masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from xpdeploy.errors import DataError, ModelError
+from xpdeploy.fileio import sha256_json, write_with
+from xpdeploy.progress import log, progress
+from xpdeploy.training.loop import lr_factor
+from xpdeploy.xpruner.losses import smoothness_loss, sparsity_loss
+from xpdeploy.xpruner.masks import ClassMasks, MaskedModel, scores
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from xpdeploy.prune.units import UnitScores
+    from xpdeploy.spec import LearnMasksConfig
+
+CHECKPOINT_NAME = "masks.pt"
+#: The run counts as converged when fewer than this share of head and of neuron masks moved by
+#: more than ``converged_eps`` during the last epoch.
+CONVERGED_SHARE = 0.05
+#: Mixed into the seed of the ``max_images`` subset so it differs from every epoch's order.
+_SUBSET_SALT = 0x5EED
+
+
+@dataclass
+class MaskLearningResult:
+    """Learned masks, their unit scores, one history dict per epoch, and the convergence verdict.
+
+    ``steps`` counts optimiser steps behind the masks (resumed ones included); ``seconds`` is the
+    wall time of this call only.
+    """
+
+    masks: ClassMasks
+    scores: UnitScores
+    history: list[dict[str, float]] = field(default_factory=list)
+    converged: bool = False
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+
+def epoch_subset(n: int, max_images: int | None, seed: int) -> np.ndarray:
+    """Indices of the images used every epoch: all of them, or one seeded sorted sample."""
+    if max_images is None or max_images >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([seed, _SUBSET_SALT])
+    return np.sort(rng.choice(n, size=max_images, replace=False)).astype(np.int64)
+
+
+def _spread(tables: list[np.ndarray]) -> float:
+    """std / mean of the scores of one unit type across the whole model (0 when the mean is 0)."""
+    values = np.concatenate(tables)
+    mean = float(np.mean(values))
+    return float(np.std(values) / mean) if mean else 0.0
+
+
+def _abs_mean(tables: list[torch.Tensor]) -> float:
+    """Mean |mask value| over every entry of these tables (1.0 at the start)."""
+    total = sum(float(t.detach().abs().double().sum()) for t in tables)
+    return total / max(sum(t.numel() for t in tables), 1)
+
+
+def _moved_share(before: list[torch.Tensor], after: list[torch.Tensor], eps: float) -> float:
+    """Share of entries of these tables that changed by more than ``eps`` (absolute mask units)."""
+    pairs = zip(after, before, strict=True)
+    moved = sum(int(((a.detach() - b).abs() > eps).sum()) for a, b in pairs)
+    total = sum(a.numel() for a in after)
+    return moved / max(total, 1)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    write_with(path, lambda tmp: torch.save(state, tmp))
+
+
+def _run_key(cfg: LearnMasksConfig, *, fingerprint: str, seed: int, num_classes: int,
+             images: int) -> str:
+    """The caller's fingerprint plus what this function itself depends on (thread count aside).
+
+    So a checkpoint is never resumed under another config, seed or data size even when the caller's
+    fingerprint does not cover them.
+    """
+    settings = cfg.model_dump(mode="json", exclude={"threads"})
+    return sha256_json({"fingerprint": fingerprint, "cfg": settings, "seed": seed,
+                        "num_classes": num_classes, "images": images})
+
+
+def _load_checkpoint(path: Path, fingerprint: str, run_key: str) -> dict[str, Any] | None:
+    """The checkpoint's state if it belongs to this exact mask-learning run, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an older version's file or a damaged disk: start over
+        log(f"  ignoring unreadable mask checkpoint {path} ({type(e).__name__}); starting at 0")
+        return None
+    if not isinstance(state, dict) or (state.get("fingerprint"), state.get("run_key")) != (
+        fingerprint, run_key
+    ):
+        log(f"  mask checkpoint {path} belongs to another config or input; starting at epoch 0")
+        return None
+    return state
+
+
+def _fresh_state(
+    model: nn.Module, num_classes: int, cfg: LearnMasksConfig, total_steps: int
+) -> tuple[ClassMasks, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """All-ones masks, Adam without weight decay, cosine decay from lr to min_lr over all steps."""
+    masks = ClassMasks.for_model(model, num_classes)
+    optimizer = torch.optim.Adam(masks.parameters(), lr=cfg.lr, weight_decay=0.0)
+    floor = cfg.min_lr / cfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps=0, total_steps=total_steps, floor=floor)
+    )
+    return masks, optimizer, scheduler
+
+
+def learn_masks(
+    model: nn.Module,
+    train_set: Dataset,
+    cfg: LearnMasksConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
+    workers: int = 0,
+) -> MaskLearningResult:
+    """Learn class-wise head and neuron masks for ``model`` on ``train_set``.
+
+    ``train_set`` yields ``(float32 (3, H, W) pixels, int label)``. The model is frozen and in eval
+    mode during the run; its ``requires_grad`` flags and train/eval mode are restored at the end,
+    and its weights are not changed. With ``checkpoint_dir``, ``masks.pt`` is written atomically
+    after every epoch and a run whose checkpoint carries the same ``fingerprint`` resumes from it.
+    """
+    from torch.utils.data import DataLoader
+
+    model_classes = getattr(model, "num_classes", None)
+    if isinstance(model_classes, int) and model_classes != num_classes:
+        raise ModelError(
+            f"learn_masks: num_classes is {num_classes} but the model predicts {model_classes} "
+            "classes; masks need one row per class the model predicts"
+        )
+    start_time = time.monotonic()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        subset = epoch_subset(len(train_set), cfg.max_images, seed)  # type: ignore[arg-type]
+        if len(subset) == 0:
+            raise DataError("learn_masks: the train split is empty; give it images")
+        steps_per_epoch = math.ceil(len(subset) / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        masks, optimizer, scheduler = _fresh_state(model, num_classes, cfg, total_steps)
+        history: list[dict[str, float]] = []
+        start_epoch = 0
+        run_key = _run_key(cfg, fingerprint=fingerprint, seed=seed, num_classes=num_classes,
+                           images=len(train_set))  # type: ignore[arg-type]
+        checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
+        state = (
+            _load_checkpoint(checkpoint_path, fingerprint, run_key) if checkpoint_path else None
+        )
+        if state is not None:
+            try:
+                masks.load_state_dict(state["masks"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                history = list(state["history"])
+                start_epoch = int(state["epoch"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
+                log(f"  mask checkpoint {checkpoint_path} does not fit this model "
+                    f"({type(e).__name__}); starting at epoch 0")
+                masks, optimizer, scheduler = _fresh_state(model, num_classes, cfg, total_steps)
+                history, start_epoch = [], 0
+            else:
+                log(f"  resuming mask learning after epoch {start_epoch}/{cfg.epochs}")
+        masked_model = MaskedModel(model, masks)
+
+        for epoch in range(start_epoch, cfg.epochs):
+            perm = torch.randperm(
+                len(subset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+            )
+            order = subset[perm.numpy()].tolist()
+            loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=order,
+                                num_workers=workers)
+            before = [t.detach().clone() for t in masks.tables()]
+            sums = {"loss": 0.0, "ce": 0.0, "sparsity": 0.0, "smoothness": 0.0}
+            seen = 0
+            with progress(steps_per_epoch, f"learn masks epoch {epoch + 1}/{cfg.epochs}") as adv:
+                for pixels, labels in loader:
+                    x = torch.as_tensor(pixels).to(device, non_blocking=True)
+                    y = torch.as_tensor(labels).to(device, non_blocking=True)
+                    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+                        raise DataError(
+                            f"learn_masks: a label is outside 0..{num_classes - 1} (seen "
+                            f"{int(y.min())}..{int(y.max())}); the data and the model disagree"
+                        )
+                    logits = masked_model(x, y)
+                    ce = torch.nn.functional.cross_entropy(logits.float(), y)
+                    sparse = sparsity_loss(masks, cfg.sparsity)
+                    smooth = smoothness_loss(masks, cfg.smoothness)
+                    loss = ce + cfg.lambda_sparse * sparse + cfg.lambda_smooth * smooth
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    if cfg.project:
+                        with torch.no_grad():
+                            for t in masks.tables():
+                                t.clamp_(0.0, 1.0)
+                    b = int(y.numel())
+                    for key, value in (("loss", loss), ("ce", ce), ("sparsity", sparse),
+                                       ("smoothness", smooth)):
+                        sums[key] += float(value.detach()) * b
+                    seen += b
+                    adv(loss=sums["loss"] / seen, ce=sums["ce"] / seen)
+            after = masks.tables()
+            nh = masks.num_blocks
+            unit_scores = scores(masks)
+            record: dict[str, float] = {
+                "epoch": epoch + 1,
+                **{k: v / max(seen, 1) for k, v in sums.items()},
+                "moved_heads": _moved_share(before[:nh], after[:nh], cfg.converged_eps),
+                "moved_neurons": _moved_share(before[nh:], after[nh:], cfg.converged_eps),
+                "score_spread_heads": _spread(unit_scores.heads),
+                "score_spread_neurons": _spread(unit_scores.neurons),
+                "mask_abs_mean_heads": _abs_mean(masks.tables()[:nh]),
+                "mask_abs_mean_neurons": _abs_mean(masks.tables()[nh:]),
+                "lr": float(scheduler.get_last_lr()[0]),
+                "steps": (epoch + 1) * steps_per_epoch,
+            }
+            history.append(record)
+            log(
+                f"  masks epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
+                f"(ce {record['ce']:.4f}, sparsity {record['sparsity']:.4g}, smoothness "
+                f"{record['smoothness']:.4g}); moved heads {record['moved_heads']:.1%} neurons "
+                f"{record['moved_neurons']:.1%}; score std/mean heads "
+                f"{record['score_spread_heads']:.3f} neurons {record['score_spread_neurons']:.3f}"
+            )
+            if checkpoint_path is not None:
+                _save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "fingerprint": fingerprint,
+                        "run_key": run_key,
+                        "epoch": epoch + 1,
+                        "masks": masks.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                    },
+                )
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    last = history[-1] if history else {}
+    converged = bool(history) and (
+        last["moved_heads"] < CONVERGED_SHARE and last["moved_neurons"] < CONVERGED_SHARE
+    )
+    if not converged and history:
+        log(
+            f"  warning: the masks had not converged: {last['moved_heads']:.1%} of head and "
+            f"{last['moved_neurons']:.1%} of neuron masks moved by more than {cfg.converged_eps:g} "
+            f"in the last epoch (converged: under {CONVERGED_SHARE:.0%} of both); their scores "
+            "mostly reflect the sign of the gradient, not a balance. Train longer "
+            "(learn_masks.epochs, or a larger learn_masks.max_images) or raise learn_masks.lr"
+        )
+    return MaskLearningResult(
+        masks=masks,
+        scores=scores(masks),
+        history=history,
+        converged=converged,
+        steps=total_steps,
+        seconds=time.monotonic() - start_time,
+        resumed_from_epoch=start_epoch,
+    )
+
+
+def save_masks(path: str | Path, masks: ClassMasks) -> None:
+    """Write the mask tables as safetensors (``heads.<b>``, ``neurons.<b>``), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in masks.state_dict().items()}
+    metadata = {"format": "xpdeploy.class_masks", "num_classes": str(masks.num_classes)}
+    write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_masks(path: str | Path, model: nn.Module, num_classes: int) -> ClassMasks:
+    """Read masks written by :func:`save_masks` for ``model``; a mismatch is a one-line error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"mask file {path} does not exist; run the learn_masks stage first")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ModelError(
+            f"cannot read mask file {path}: {e}; delete it and rerun learn_masks"
+        ) from None
+    masks = ClassMasks.for_model(model, num_classes)
+    expected = {k: tuple(v.shape) for k, v in masks.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+        raise ModelError(
+            f"mask file {path} does not fit this model with {num_classes} classes (first "
+            f"differences as (table, shape): {diff}); rerun learn_masks for this model"
+        )
+    masks.load_state_dict({k: v.to(masks.heads[0].device) for k, v in tensors.items()})
+    return masks

@@ -16,7 +16,7 @@ from typing import Any
 
 from xpdeploy.artifacts import Artifact, ParityReport, RunReport
 from xpdeploy.errors import ConfigError, ParityError, RunFolderError
-from xpdeploy.fileio import sha256_json
+from xpdeploy.fileio import sha256_file, sha256_json
 from xpdeploy.progress import format_duration, log
 from xpdeploy.runfolder import RunFolder, now_iso, stage_folder_name
 from xpdeploy.spec import PipelineSpec
@@ -38,10 +38,26 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
 StageFn = Callable[..., dict[str, Artifact]]
 
 
+def _input_files(spec: PipelineSpec, stage: str) -> list[Path]:
+    """Files a stage's config names whose content (not only path) its outputs depend on.
+
+    (Image folders are not hashed: that would read a whole data set on every run.)
+    """
+    if stage == "load" and spec.model.checkpoint is not None:
+        return [spec.model.checkpoint]
+    if stage == "prune" and spec.prune is not None and spec.prune.plan_file is not None:
+        return [spec.prune.plan_file]
+    return []
+
+
 def stage_config(spec: PipelineSpec, stage: str) -> dict[str, Any]:
-    """The resolved config a stage depends on, as JSON-able data."""
+    """The resolved config a stage depends on (with digests of the files it names), as JSON."""
     data = spec.model_dump(mode="json")
-    return {key: data.get(key) for key in STAGE_CONFIG.get(stage, (stage,))}
+    config = {key: data.get(key) for key in STAGE_CONFIG.get(stage, (stage,))}
+    files = {str(p): sha256_file(p) for p in _input_files(spec, stage) if p.is_file()}
+    if files:
+        config["file_digests"] = files
+    return config
 
 
 @dataclass

@@ -187,10 +187,16 @@ class PruneConfig(Section):
     tolerance: float = Field(0.005, gt=0, lt=0.5, description="accepted shortfall below target")
     taylor_images: int = Field(1280, gt=0, description="taylor: train images for the gradients")
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    plan_file: Path | None = Field(
+        None, description="replay a saved plan.json (kept units per block) instead of planning"
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
-        if (self.target_gmacs is None) == (self.target_ratio is None):
+        if self.plan_file is not None:
+            if self.target_gmacs is not None or self.target_ratio is not None:
+                raise ValueError("'plan_file' replays a plan: drop target_gmacs / target_ratio")
+        elif (self.target_gmacs is None) == (self.target_ratio is None):
             raise ValueError("set exactly one of 'target_gmacs' and 'target_ratio'")
         return self
 
@@ -334,6 +340,7 @@ class PipelineSpec(Section):
             "prune" in stages
             and self.prune is not None
             and self.prune.criterion == "xpruner"
+            and self.prune.plan_file is None
             and "learn_masks" not in stages
         ):
             raise ConfigError(

@@ -13,16 +13,6 @@ from xpdeploy.prune.criteria import CRITERIA, magnitude_scores, random_scores, t
 from xpdeploy.spec import PruneConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded 2-core machine two
-    OpenMP threads per process make these tests ~10x slower (measured); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32,

@@ -28,16 +28,6 @@ from xpdeploy.spec import ThresholdConfig
 EXACT = PlanConstraints(round_mlp_to=1, min_mlp_per_block=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded 2-core machine two
-    OpenMP threads per process make these tests ~10x slower (measured); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32,

@@ -81,3 +81,17 @@ def test_impossible_target_is_one_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "GMACs" in result.stderr
     assert not (tmp_path / "run" / "04_prune").exists()
+
+
+def test_saved_plan_replays_on_a_fresh_run(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run_pipeline(_pipeline(tmp_path, "magnitude"), first)
+    plan = json.loads((first / "04_prune" / "plan.json").read_text())
+    d_spec = _pipeline(tmp_path, "magnitude")
+    replay = d_spec.model_copy(update={"prune": d_spec.prune.model_copy(
+        update={"plan_file": first / "04_prune" / "plan.json", "target_ratio": None})})
+    second = tmp_path / "second"
+    run_pipeline(replay, second, until="prune")
+    again = json.loads((second / "04_prune" / "plan.json").read_text())
+    assert again["blocks"] == plan["blocks"]
+    assert again["replayed_from"].endswith("plan.json")

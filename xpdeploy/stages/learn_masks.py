@@ -17,7 +17,8 @@ def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
     train_set = open_split(spec.data, model.data_config, "train",
                            num_classes=model.arch.num_classes, seed=spec.seed)
     result = learn_masks(net, train_set, cfg, num_classes=model.arch.num_classes, seed=spec.seed,
-                         checkpoint_dir=ctx.stage_dir / "checkpoints", fingerprint=ctx.fingerprint)
+                         checkpoint_dir=ctx.stage_dir / "checkpoints", fingerprint=ctx.fingerprint,
+                         workers=spec.data.workers)
     masks_path, scores_path = ctx.stage_dir / "masks.safetensors", ctx.stage_dir / "scores.json"
     history_path = ctx.stage_dir / "history.json"
     save_masks(masks_path, result.masks)

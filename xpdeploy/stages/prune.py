@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
 from xpdeploy.data.sources import open_split
@@ -14,7 +15,7 @@ from xpdeploy.progress import log
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global, plan_summary
 from xpdeploy.prune.surgery import prune_vit
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.units import KeepSets, UnitScores
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1
@@ -41,6 +42,17 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
     return criteria.taylor_scores(net, batches, cfg.taylor_images)
 
 
+def _read_plan(path: Path) -> KeepSets:
+    """Kept units from a plan.json written by an earlier ``prune`` stage."""
+    try:
+        return KeepSets.from_json(json.loads(path.read_text())["blocks"])
+    except FileNotFoundError:
+        raise PruneError(f"prune.plan_file {path} does not exist") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise PruneError(f"prune.plan_file {path} is not a plan.json written by xpdeploy "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         ) -> dict[str, Artifact]:
     spec, cfg = ctx.spec, ctx.spec.prune
@@ -48,25 +60,33 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     size = model.data_config.input_size
     macs = MacModel.from_model(net, size)
-    target = cfg.target_gmacs * 1e9 if cfg.target_gmacs is not None else (
-        cfg.target_ratio * macs.original)
+    replay = _read_plan(cfg.plan_file) if cfg.plan_file is not None else None
+    if replay is not None:
+        target = macs.macs(replay.head_counts, replay.mlp_widths)
+    elif cfg.target_gmacs is not None:
+        target = cfg.target_gmacs * 1e9
+    else:
+        target = cfg.target_ratio * macs.original
     constraints = PlanConstraints(
         min_heads_per_block=cfg.min_heads_per_block, round_mlp_to=cfg.round_mlp_to,
         min_mlp_per_block=cfg.min_mlp_per_block, tolerance=cfg.tolerance,
     )
-    scores = _scores(ctx, net, model, masks, macs)
     extra: dict[str, object] = {}
-    if cfg.ranking == "global":
+    if replay is not None:
+        keep, extra = replay, {"replayed_from": str(cfg.plan_file)}
+    elif cfg.ranking == "global":
+        scores = _scores(ctx, net, model, masks, macs)
         keep = plan_global(scores, macs, target, constraints, cfg.normalize)
     else:
         from xpdeploy.prune.threshold import threshold_search
 
+        scores = _scores(ctx, net, model, masks, macs)
         train = open_split(spec.data, model.data_config, "train",
                            num_classes=model.arch.num_classes, seed=spec.seed)
         batches = shuffled_batches(train, cfg.threshold.batch_size, seed=spec.seed,
                                    workers=spec.data.workers)
         result = threshold_search(net, scores.normalized(cfg.normalize), macs, batches,
-                                  cfg.threshold, target, constraints)
+                                  cfg.threshold, target, constraints, seed=spec.seed)
         keep = result.keep
         extra = {"thresholds": result.thresholds, "threshold_history": result.history,
                  "backbone_adapted": result.backbone_adapted}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import tempfile
 import time
@@ -53,7 +54,8 @@ from xpdeploy.xpruner.learn import learn_masks
 ROOT = Path(__file__).resolve().parent.parent
 BASE_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3,
                "mlp_ratio": 4, "num_classes": 10}
-METHODS = ("xpruner-global", "xpruner-threshold", "taylor", "magnitude", "random")
+METHODS = ("xpruner-global", "xpruner-threshold", "taylor", "magnitude", "random",
+           "torch-pruning")
 
 
 def _args() -> argparse.Namespace:
@@ -127,19 +129,42 @@ def main() -> None:
 
     rows = []
     for method in args.methods.split(","):
-        scores, extra = scores_for(method)
+        if method == "torch-pruning":
+            try:
+                import torch_pruning  # noqa: F401  (optional peer)
+            except ImportError:
+                print("torch-pruning: skipped (pip install torch-pruning)")
+                continue
         model = copy.deepcopy(base)
         t0 = time.monotonic()
-        if method.endswith("threshold"):
+        extra: dict[str, object] = {}
+        if method == "torch-pruning":
+            sys.path.insert(0, str(ROOT))
+            from bench.peers.torch_pruning_vit import prune_with_torch_pruning
+
+            batches = list(itertools.islice(shuffled_batches(train, 64, seed=args.seed),
+                                            max(1, args.taylor_images // 64)))
+            model, info = prune_with_torch_pruning(
+                model, batches, target, lambda m: count_gmacs(m, dc.input_size) * 1e9,
+                dc.input_size)
+            keep = None
+            extra = {"peer": info}
+        elif method.endswith("threshold"):
+            scores, extra = scores_for(method)
             batches = shuffled_batches(train, 32, seed=args.seed)
             res = threshold_search(model, scores.normalized("type"), macs, batches,
                                    ThresholdConfig(steps=args.threshold_steps, batch_size=32),
                                    target, constraints)
             keep = res.keep
         else:
+            scores, extra = scores_for(method)
             keep = plan_global(scores, macs, target, constraints, "type")
         plan_seconds = time.monotonic() - t0
-        prune_vit(model, keep)
+        if keep is not None:
+            prune_vit(model, keep)
+            heads, mlp = keep.head_counts, keep.mlp_widths
+        else:
+            heads, mlp = extra["peer"]["num_heads_per_block"], extra["peer"]["mlp_per_block"]
         gmacs = count_gmacs(model, dc.input_size)
         one_shot = evaluate_top1(model, val, batch_size=250, label=f"{method} one-shot")
         ft = TrainConfig(epochs=args.finetune_epochs, max_images=args.finetune_images,
@@ -156,8 +181,8 @@ def main() -> None:
                 latency[b] = {"original_p50": lo.p50, "pruned_p50": lp.p50,
                               "speedup": lo.p50 / lp.p50}
         row = {"method": method, "gmacs": gmacs, "ratio": gmacs * 1e9 / macs.original,
-               "one_shot_top1": one_shot, "finetuned_top1": tuned, "heads": keep.head_counts,
-               "mlp": keep.mlp_widths, "latency": latency, "plan_seconds": plan_seconds, **extra}
+               "one_shot_top1": one_shot, "finetuned_top1": tuned, "heads": heads,
+               "mlp": mlp, "latency": latency, "plan_seconds": plan_seconds, **extra}
         rows.append(row)
         print(f"{method}: {gmacs:.4f} GMACs, one-shot {one_shot:.2f}%, fine-tuned {tuned:.2f}%, "
               f"speedup b1 {latency[1]['speedup']:.2f}x b32 {latency[32]['speedup']:.2f}x",

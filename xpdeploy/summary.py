@@ -26,6 +26,12 @@ def _describe_outputs(manifest: dict) -> str:
                          f"{'all gates passed' if artifact.passed else 'GATES FAILED'}")
         elif kind == "RunReport":
             parts.append(f"{artifact.markdown_file} ({artifact.status})")
+        elif kind == "MaskSet":
+            parts.append(f"masks: {artifact.steps} steps, "
+                         + ("converged" if artifact.converged else "NOT converged"))
+        elif kind == "PrunePlan":
+            parts.append(f"plan {artifact.criterion}/{artifact.ranking}: "
+                         f"{artifact.gmacs_before:.4f} -> {artifact.gmacs_after:.4f} GMACs")
         elif kind == "VerifySet":
             parts.append(f"verify set {artifact.samples} images ({artifact.source})")
     return "; ".join(parts)

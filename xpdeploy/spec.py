@@ -184,6 +184,9 @@ class PruneConfig(Section):
     min_heads_per_block: int = Field(1, ge=1)
     round_mlp_to: int = Field(8, ge=1, description="kept MLP widths are multiples of this")
     min_mlp_per_block: int = Field(8, ge=1, description="floor on every block's MLP width")
+    block_floors: dict[int, tuple[int, int]] | None = Field(
+        None, description="per-block floors: {block index: [min heads, min MLP width]}"
+    )
     tolerance: float = Field(0.005, gt=0, lt=0.5, description="accepted shortfall below target")
     taylor_images: int = Field(1280, gt=0, description="taylor: train images for the gradients")
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)

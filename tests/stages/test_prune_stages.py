@@ -24,7 +24,7 @@ def _pipeline(tmp_path: Path, criterion: str, ranking: str = "global", **extra):
                                    if criterion == "xpruner" or s != "learn_masks"])
     d["learn_masks"] = {"epochs": 1, "batch_size": 128, "max_images": 256}
     d["prune"] = {"criterion": criterion, "target_ratio": 0.6, "ranking": ranking,
-                  "round_mlp_to": 8, "taylor_images": 128,
+                  "round_mlp_to": 8, "taylor_images": 128, "block_floors": {0: [2, 64]},
                   "threshold": {"steps": 5, "batch_size": 32}}
     d["finetune"] = {"epochs": 1, "batch_size": 64, "max_images": 256, "warmup_epochs": 0}
     d.update(extra)
@@ -47,6 +47,7 @@ def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: st
     assert pruning["gmacs_after"] <= pruning["target_gmacs"] + 1e-12
     assert pruning["gmacs_after"] >= pruning["target_gmacs"] * (1 - 0.05)
     assert all(w % 8 == 0 for w in pruning["mlp"]) and all(h >= 1 for h in pruning["heads"])
+    assert pruning["heads"][0] == 2 and pruning["mlp"][0] >= 64  # block_floors of block 0
     names = {c["name"]: c for c in report["candidates"]}
     assert {"pruned (torch)", "pruned.onnx", "pruned.sim.onnx", "original.onnx"} <= set(names)
     assert names["pruned.sim.onnx"]["baseline"] == "original.sim.onnx"

@@ -66,7 +66,8 @@ class PlanConstraints:
     def from_config(cls, cfg: PruneConfig) -> PlanConstraints:
         """The constraints of a pipeline's ``prune`` section."""
         return cls(min_heads_per_block=cfg.min_heads_per_block, round_mlp_to=cfg.round_mlp_to,
-                   min_mlp_per_block=cfg.min_mlp_per_block, tolerance=cfg.tolerance)
+                   min_mlp_per_block=cfg.min_mlp_per_block, tolerance=cfg.tolerance,
+                   block_floors=dict(cfg.block_floors) if cfg.block_floors else None)
 
     def floors(self, macs: MacModel) -> tuple[list[int], list[int]]:
         """Smallest head count and MLP width allowed per block (MLP floor already rounded up)."""

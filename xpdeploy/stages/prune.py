@@ -67,10 +67,7 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         target = cfg.target_gmacs * 1e9
     else:
         target = cfg.target_ratio * macs.original
-    constraints = PlanConstraints(
-        min_heads_per_block=cfg.min_heads_per_block, round_mlp_to=cfg.round_mlp_to,
-        min_mlp_per_block=cfg.min_mlp_per_block, tolerance=cfg.tolerance,
-    )
+    constraints = PlanConstraints.from_config(cfg)
     extra: dict[str, object] = {}
     if replay is not None:
         keep, extra = replay, {"replayed_from": str(cfg.plan_file)}

@@ -221,3 +221,13 @@ def test_bad_inputs_raise() -> None:
         repair_to_budget(KeepSets(heads=[np.array([5]), np.array([0])],
                                   neurons=[np.arange(8), np.arange(8)]),
                          _random_scores(SMALL), SMALL, 400.0, PlanConstraints())
+
+
+def test_reading_a_bad_plan_file_is_one_clear_error(tmp_path) -> None:
+    from xpdeploy.prune.units import KeepSets
+
+    with pytest.raises(PruneError, match="does not exist"):
+        KeepSets.read(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text('{"not": "a plan"}')
+    with pytest.raises(PruneError, match=r"is not a plan\.json written by xpdeploy"):
+        KeepSets.read(tmp_path / "bad.json")

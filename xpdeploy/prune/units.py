@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from xpdeploy.errors import PruneError
 
 Normalize = Literal["type", "block", "none"]
 
@@ -74,6 +78,17 @@ class KeepSets:
     def from_json(cls, blocks: list[dict[str, list[int]]]) -> KeepSets:
         return cls(heads=[np.asarray(b["kept_heads"], dtype=np.int64) for b in blocks],
                    neurons=[np.asarray(b["kept_neurons"], dtype=np.int64) for b in blocks])
+
+    @classmethod
+    def read(cls, path: Path) -> KeepSets:
+        """Kept units from a ``plan.json`` written by an earlier ``prune`` stage (replay)."""
+        try:
+            return cls.from_json(json.loads(path.read_text())["blocks"])
+        except FileNotFoundError:
+            raise PruneError(f"prune.plan_file {path} does not exist") from None
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise PruneError(f"prune.plan_file {path} is not a plan.json written by xpdeploy "
+                             f"({type(e).__name__}: {e})") from None
 
     @classmethod
     def full(cls, heads: list[int], mlp: list[int]) -> KeepSets:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
 from xpdeploy.data.sources import open_split
@@ -42,17 +41,6 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
     return criteria.taylor_scores(net, batches, cfg.taylor_images)
 
 
-def _read_plan(path: Path) -> KeepSets:
-    """Kept units from a plan.json written by an earlier ``prune`` stage."""
-    try:
-        return KeepSets.from_json(json.loads(path.read_text())["blocks"])
-    except FileNotFoundError:
-        raise PruneError(f"prune.plan_file {path} does not exist") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise PruneError(f"prune.plan_file {path} is not a plan.json written by xpdeploy "
-                         f"({type(e).__name__}: {e})") from None
-
-
 def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         ) -> dict[str, Artifact]:
     spec, cfg = ctx.spec, ctx.spec.prune
@@ -60,7 +48,7 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     size = model.data_config.input_size
     macs = MacModel.from_model(net, size)
-    replay = _read_plan(cfg.plan_file) if cfg.plan_file is not None else None
+    replay = KeepSets.read(cfg.plan_file) if cfg.plan_file is not None else None
     if replay is not None:
         target = macs.macs(replay.head_counts, replay.mlp_widths)
     elif cfg.target_gmacs is not None:

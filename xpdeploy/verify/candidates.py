@@ -1,0 +1,73 @@
+"""Verifying one candidate runner against the original (and its own torch source)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xpdeploy.artifacts import CandidateResult, GateResult, TorchModel
+from xpdeploy.data.verify_set import VerifyBatch
+from xpdeploy.progress import log
+from xpdeploy.spec import VerifyConfig
+from xpdeploy.verify.compare import compare_logits, top1
+from xpdeploy.verify.gates import evaluate_gates
+from xpdeploy.verify.latency import Runner, measure_interleaved
+from xpdeploy.verify.outputs import infer_all
+
+
+@dataclass
+class Candidate:
+    """A runner to verify, the torch model it came from, and the baseline it is timed against."""
+
+    name: str
+    runner: Runner
+    artifact: str
+    source: TorchModel
+    baseline_name: str
+    baseline: Runner
+    fixed_batch: int | None = None
+
+
+def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
+                       source_logits: np.ndarray, ref_top1: float | None, *,
+                       cfg: VerifyConfig, eval_batch_size: int, threads: int
+                       ) -> CandidateResult:
+    """Accuracy, agreement, logit differences, interleaved latency and gates of one candidate."""
+    logits = infer_all(c.runner, batch.pixels, c.fixed_batch or eval_batch_size,
+                       fixed_batch=c.fixed_batch is not None)
+    cmp = compare_logits(ref_logits, logits)
+    source_diff = float(np.abs(source_logits - logits).max())
+    cand_top1 = None if batch.synthetic else top1(logits, batch.labels)
+    delta = None if cand_top1 is None or ref_top1 is None else cand_top1 - ref_top1
+    lat_b, lat_c = [], []
+    for b in [c.fixed_batch] if c.fixed_batch else cfg.batch_sizes:
+        log(f"  timing {c.name} vs {c.baseline_name} at batch {b} ({threads} threads)")
+        stats_b, stats_c = measure_interleaved([c.baseline, c.runner], batch.pixels, b,
+                                               cfg.warmup, cfg.iters)
+        lat_b.append(stats_b)
+        lat_c.append(stats_c)
+    speedup = {o.batch: o.p50 / n.p50 for o, n in zip(lat_b, lat_c, strict=True)}
+    gates_cfg = cfg.gates if c.source.label == "original" else cfg.pruned_gates
+    gates = evaluate_gates(gates_cfg, top1_delta=delta, agreement=cmp.agreement,
+                           max_abs_diff=cmp.max_abs_diff, cosine=cmp.cosine, speedup=speedup,
+                           synthetic=batch.synthetic)
+    if cfg.max_export_diff is not None and c.runner.name.startswith("ort"):
+        ok = source_diff <= cfg.max_export_diff
+        gates.append(GateResult(
+            name="max_export_diff", value=source_diff, limit=cfg.max_export_diff, passed=ok,
+            detail=f"vs its torch model {source_diff:.3g} {'<=' if ok else '>'} "
+                   f"{cfg.max_export_diff:g}"))
+    result = CandidateResult(
+        name=c.name, runner=c.runner.name, artifact=c.artifact, source=c.source.label,
+        baseline=c.baseline_name, source_max_abs_diff=source_diff, gmacs=c.source.gmacs,
+        params_m=c.source.params_m, top1=cand_top1, top1_delta=delta, agreement=cmp.agreement,
+        max_abs_diff=cmp.max_abs_diff, mean_abs_diff=cmp.mean_abs_diff, cosine=cmp.cosine,
+        latency_ms=lat_c, baseline_latency_ms=lat_b, speedup=speedup, gates=gates,
+        passed=all(g.passed for g in gates),
+    )
+    acc = "" if cand_top1 is None else f"top-1 {cand_top1:.2f}% ({delta:+.2f}), "
+    log(f"  {c.name}: {acc}agreement {cmp.agreement:.4f}, speedup "
+        + ", ".join(f"b{b} {s:.2f}x" for b, s in speedup.items())
+        + (": passed" if result.passed else ": FAILED"))
+    return result

@@ -192,7 +192,7 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
     if ex.wants("finetune"):
         from xpdeploy.stages import finetune
 
-        pruned = ex.step("finetune", finetune.run, {"model": pruned})["model"]
+        pruned = ex.step("finetune", finetune.run, {"model": pruned, "teacher": model})["model"]
     models = {"model": model, "pruned": pruned}
     if ex.wants("export_onnx"):
         exported = ex.step(

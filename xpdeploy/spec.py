@@ -205,8 +205,13 @@ class PruneConfig(Section):
 
 
 class FinetuneConfig(TrainConfig):
-    """``finetune``: recovery training of the pruned model (same options as ``train`` for now;
-    distillation from the original comes with the fine-tuning issue)."""
+    """``finetune``: recovery training of the pruned model, distilled from the original."""
+
+    distill: Literal["none", "soft", "hard"] = Field(
+        "soft", description="knowledge distillation from the original model"
+    )
+    distill_weight: float = Field(0.5, ge=0, le=1, description="share of the KD term in the loss")
+    temperature: float = Field(2.0, gt=0, description="soft distillation temperature")
 
 
 class ExportOnnxConfig(Section):

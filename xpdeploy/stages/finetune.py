@@ -1,4 +1,4 @@
-"""``finetune``: recovery training of the pruned model (plain supervised for now)."""
+"""``finetune``: recovery training of the pruned model, distilled from the original (teacher)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from xpdeploy.stages.context import StageContext
 from xpdeploy.stages.train import train_stage
 
 
-def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
-    assert ctx.spec.finetune is not None  # PipelineSpec.check_runnable
-    return train_stage(ctx, model, ctx.spec.finetune)
+def run(ctx: StageContext, model: TorchModel, teacher: TorchModel) -> dict[str, Artifact]:
+    cfg = ctx.spec.finetune
+    assert cfg is not None  # PipelineSpec.check_runnable
+    return train_stage(ctx, model, cfg, teacher=teacher if cfg.distill != "none" else None)

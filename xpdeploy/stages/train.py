@@ -16,10 +16,13 @@ def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
     return train_stage(ctx, model, ctx.spec.train)
 
 
-def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig) -> dict[str, Artifact]:
+def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
+                teacher: TorchModel | None = None) -> dict[str, Artifact]:
     """Train ``model`` with ``cfg`` in the stage folder (shared by ``train`` and ``finetune``)."""
     spec = ctx.spec
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
+    teacher_net = (rebuild_model(teacher.arch, ctx.path(teacher.weights_file))
+                   if teacher is not None else None)
     classes = model.arch.num_classes
     train_set = open_split(spec.data, model.data_config, "train", num_classes=classes,
                            seed=spec.seed)
@@ -34,6 +37,7 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig) -> dict[
         seed=spec.seed,
         eval_batch_size=spec.data.batch_size,
         workers=spec.data.workers,
+        teacher=teacher_net,
     )
     write_json_atomic(ctx.stage_dir / "history.json", result.history)
     arch_path, weights_path = save_model(net, model.arch, ctx.stage_dir)

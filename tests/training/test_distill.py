@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.training.test_loop import _setup
 from xpdeploy.spec import FinetuneConfig
-from xpdeploy.training.distill import distillation_loss
+from xpdeploy.training.distill import Distiller, distillation_loss
 from xpdeploy.training.loop import train_model
 
 
@@ -47,12 +47,12 @@ def test_teacher_is_frozen_and_weight_zero_equals_plain_training(tmp_path: Path)
     student.load_state_dict(init)
     zero = plain.model_copy(update={"distill": "soft", "distill_weight": 0.0})
     train_model(student, train, None, zero, checkpoint_dir=tmp_path / "b", fingerprint="b",
-                seed=0, eval_batch_size=64, teacher=teacher)
+                seed=0, eval_batch_size=64, distiller=Distiller.from_config(teacher, zero))
     assert all(torch.equal(a, b) for a, b in zip(_weights(student), expected, strict=True))
 
     student.load_state_dict(init)
     soft = plain.model_copy(update={"distill": "soft", "distill_weight": 0.7})
     train_model(student, train, None, soft, checkpoint_dir=tmp_path / "c", fingerprint="c",
-                seed=0, eval_batch_size=64, teacher=teacher)
+                seed=0, eval_batch_size=64, distiller=Distiller.from_config(teacher, soft))
     assert not all(torch.equal(a, b) for a, b in zip(_weights(student), expected, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(_weights(teacher), teacher_before, strict=True))

@@ -6,8 +6,9 @@ from xpdeploy.artifacts import Artifact, TorchModel
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model, save_model
-from xpdeploy.spec import TrainConfig
+from xpdeploy.spec import FinetuneConfig, TrainConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.training.distill import Distiller
 from xpdeploy.training.loop import train_model
 
 
@@ -21,8 +22,11 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
     """Train ``model`` with ``cfg`` in the stage folder (shared by ``train`` and ``finetune``)."""
     spec = ctx.spec
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
-    teacher_net = (rebuild_model(teacher.arch, ctx.path(teacher.weights_file))
-                   if teacher is not None else None)
+    distiller = None
+    if teacher is not None:
+        assert isinstance(cfg, FinetuneConfig)  # only finetune distils
+        distiller = Distiller.from_config(
+            rebuild_model(teacher.arch, ctx.path(teacher.weights_file)), cfg)
     classes = model.arch.num_classes
     train_set = open_split(spec.data, model.data_config, "train", num_classes=classes,
                            seed=spec.seed)
@@ -37,7 +41,7 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
         seed=spec.seed,
         eval_batch_size=spec.data.batch_size,
         workers=spec.data.workers,
-        teacher=teacher_net,
+        distiller=distiller,
     )
     write_json_atomic(ctx.stage_dir / "history.json", result.history)
     arch_path, weights_path = save_model(net, model.arch, ctx.stage_dir)

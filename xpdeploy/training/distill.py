@@ -10,10 +10,14 @@ loss = (1 - weight) * CE(student, labels) + weight * KD, where KD is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
+
+    from xpdeploy.spec import FinetuneConfig
 
 DistillMode = Literal["none", "soft", "hard"]
 
@@ -31,3 +35,27 @@ def distillation_loss(
     if mode == "hard":
         return F.cross_entropy(student, teacher.argmax(dim=1))
     return student.new_zeros(())
+
+
+@dataclass(frozen=True)
+class Distiller:
+    """A frozen teacher and how its logits enter the student's loss."""
+
+    teacher: nn.Module
+    mode: DistillMode
+    weight: float
+    temperature: float
+
+    @classmethod
+    def from_config(cls, teacher: nn.Module, cfg: FinetuneConfig) -> Distiller:
+        teacher.eval().requires_grad_(False)
+        return cls(teacher, cfg.distill, cfg.distill_weight, cfg.temperature)
+
+    def loss(self, ce: torch.Tensor, student: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """``(1 - weight) * ce + weight * KD`` with the teacher's logits on the same ``pixels``."""
+        import torch
+
+        with torch.no_grad():
+            teacher_logits = self.teacher(pixels)
+        kd = distillation_loss(student, teacher_logits, self.mode, self.temperature)
+        return (1 - self.weight) * ce + self.weight * kd

@@ -17,7 +17,6 @@ import numpy as np
 from xpdeploy.data.augment import augment_batch
 from xpdeploy.fileio import write_with
 from xpdeploy.progress import log, progress
-from xpdeploy.training.distill import distillation_loss
 from xpdeploy.training.evaluate import evaluate_top1
 
 if TYPE_CHECKING:
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from xpdeploy.spec import TrainConfig
+    from xpdeploy.training.distill import Distiller
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -96,12 +96,12 @@ def train_model(
     seed: int,
     eval_batch_size: int,
     workers: int = 0,
-    teacher: nn.Module | None = None,
+    distiller: Distiller | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; resume from ``checkpoint_dir/last.pt`` when it fits.
 
-    With a ``teacher`` (frozen, eval mode) and a config that has ``distill`` (FinetuneConfig), the
-    loss mixes cross-entropy with distillation from the teacher's logits on the same images.
+    With a ``distiller`` the loss mixes cross-entropy with distillation from its teacher's logits
+    on the same (augmented) images.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -122,9 +122,6 @@ def train_model(
         ),
     )
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    distill = getattr(cfg, "distill", "none")
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
     history: list[dict[str, float]] = []
     start_epoch = 0
@@ -159,13 +156,8 @@ def train_model(
                 )
                 logits = model(x)
                 loss = criterion(logits, labels)
-                if teacher is not None and distill != "none":
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    kd = distillation_loss(logits, teacher_logits, distill,
-                                           getattr(cfg, "temperature", 1.0))
-                    weight = float(getattr(cfg, "distill_weight", 0.5))
-                    loss = (1 - weight) * loss + weight * kd
+                if distiller is not None:
+                    loss = distiller.loss(loss, logits, x)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:

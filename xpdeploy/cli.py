@@ -11,13 +11,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 
 from xpdeploy import __version__
 from xpdeploy.errors import EXIT_ERROR, XpdeployError
 from xpdeploy.progress import format_duration
+
+if TYPE_CHECKING:
+    from xpdeploy.spec import PipelineSpec
 
 T = TypeVar("T")
 
@@ -134,11 +137,8 @@ def validate(pipeline: Path, overrides: tuple[str, ...], debug: bool) -> None:
     _guarded(debug, go)
 
 
-def _path_warnings(spec: object) -> list[str]:
+def _path_warnings(spec: PipelineSpec) -> list[str]:
     """Paths the pipeline names that do not exist here (fine on another machine; worth a word)."""
-    from xpdeploy.spec import PipelineSpec
-
-    assert isinstance(spec, PipelineSpec)
     out = []
     if spec.model.checkpoint is not None and not spec.model.checkpoint.exists():
         out.append(f"model.checkpoint {spec.model.checkpoint} does not exist on this machine")

@@ -108,6 +108,21 @@ class StageExecutor:
         self.force = force
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self._digests: dict[int, tuple[Artifact, str]] = {}
+
+    def digest(self, artifact: Artifact) -> str:
+        """An artifact's digest, hashed once per instance in this run.
+
+        A stage's outputs are hashed when its manifest is written or checked, and are the next
+        stages' inputs: without the memo every file would be hashed again by each consumer.
+        Instances read back from a manifest are new objects, so a check always hashes afresh;
+        the entry keeps its artifact alive so its ``id`` cannot be reused by another object.
+        """
+        hit = self._digests.get(id(artifact))
+        if hit is None or hit[0] is not artifact:
+            hit = (artifact, artifact.digest(self.folder.root))
+            self._digests[id(artifact)] = hit
+        return hit[1]
 
     def wants(self, stage: str) -> bool:
         return stage in self.stages
@@ -116,11 +131,11 @@ class StageExecutor:
         """Reuse or run ``stage``; returns its named output artifacts."""
         present = {k: v for k, v in inputs.items() if v is not None}
         config = stage_config(self.spec, stage)
-        input_digests = {k: v.digest(self.folder.root) for k, v in present.items()}
+        input_digests = {k: self.digest(v) for k, v in present.items()}
         fingerprint = sha256_json({"config": config, "inputs": input_digests})
         before_slice = self.stages.index(stage) < self.from_index
         forced = self.force or stage == self.from_stage  # --from STAGE reruns STAGE itself
-        cached = None if forced else self.folder.current_outputs(stage, fingerprint)
+        cached = None if forced else self.folder.current_outputs(stage, fingerprint, self.digest)
         if cached is not None:
             log(f"[{stage}] unchanged since the last run: reused ({stage_folder_name(stage)}/)")
             self.skipped.append(stage)
@@ -165,6 +180,7 @@ class StageExecutor:
             outputs=outputs,
             started=started,
             duration_s=duration,
+            digest=self.digest,
         )
         log(f"[{stage}] done in {format_duration(duration)}")
         self.ran.append(stage)

@@ -15,7 +15,8 @@ Advance = Callable[..., None]
 QUIET_S = 2.0  # seconds between plain progress lines off a terminal
 
 
-def _fmt_seconds(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``1h05m``."""
     seconds = max(0, round(seconds))
     m, s = divmod(seconds, 60)
     h, m = divmod(m, 60)
@@ -76,10 +77,7 @@ def progress(total: int, description: str) -> Iterator[Advance]:
             elapsed = now - start
             eta = elapsed / done * (total - done) if done else 0.0
             info = " ".join(f"{k}={v:.4g}" for k, v in fields.items())
-            log(f"  {description} {done}/{total} elapsed {_fmt_seconds(elapsed)} "
-                f"eta {_fmt_seconds(eta)} {info}".rstrip())
+            log(f"  {description} {done}/{total} elapsed {format_duration(elapsed)} "
+                f"eta {format_duration(eta)} {info}".rstrip())
 
     yield advance
-
-
-format_duration = _fmt_seconds

@@ -24,7 +24,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ ARTIFACT_TYPES: dict[str, type[Artifact]] = {
     cls.__name__: cls
     for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport, MaskSet, PrunePlan)
 }
+Digest = Callable[[Artifact], str]
 _TOOLS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt", "numpy")
 
 
@@ -139,15 +140,25 @@ class RunFolder:
             return None
         return manifest if manifest.get("schema") == MANIFEST_SCHEMA else None
 
-    def current_outputs(self, stage: str, fingerprint: str) -> dict[str, Artifact] | None:
-        """The stage's outputs if its manifest matches ``fingerprint`` and its files are intact."""
+    def _digest(self, artifact: Artifact) -> str:
+        return artifact.digest(self.root)
+
+    def current_outputs(
+        self, stage: str, fingerprint: str, digest: Digest | None = None
+    ) -> dict[str, Artifact] | None:
+        """The stage's outputs if its manifest matches ``fingerprint`` and its files are intact.
+
+        ``digest`` hashes an artifact (default: :meth:`Artifact.digest`); a caller that reuses
+        the artifacts passes a memoising one so their files are not hashed again as inputs.
+        """
+        digest = digest or self._digest
         manifest = self.read_manifest(stage)
         if manifest is None or manifest.get("fingerprint") != fingerprint:
             return None
         try:
             outputs = parse_outputs(manifest)
             for name, artifact in outputs.items():
-                if artifact.digest(self.root) != manifest["outputs"][name]["digest"]:
+                if digest(artifact) != manifest["outputs"][name]["digest"]:
                     return None
         except (OSError, KeyError, ValueError):
             return None
@@ -186,7 +197,9 @@ class RunFolder:
         outputs: dict[str, Artifact],
         started: str,
         duration_s: float,
+        digest: Digest | None = None,
     ) -> None:
+        digest = digest or self._digest
         manifest = {
             "schema": MANIFEST_SCHEMA,
             "stage": stage,
@@ -196,7 +209,7 @@ class RunFolder:
             "outputs": {
                 name: {
                     "type": type(a).__name__,
-                    "digest": a.digest(self.root),
+                    "digest": digest(a),
                     "artifact": a.model_dump(mode="json"),
                 }
                 for name, a in outputs.items()

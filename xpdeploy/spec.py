@@ -117,26 +117,73 @@ class LoadConfig(Section):
 
 
 class AugmentConfig(Section):
-    """Light, seeded augmentation for ``train`` (DeiT-style recipes come with ``finetune``)."""
+    """Training augmentation, seeded per draw (the same image at the same epoch and position gets
+    the same augmentation in every run, with any number of workers and after a resume).
+
+    ``hflip`` and ``crop_padding`` work on the preprocessed pixels. The DeiT recipe (Touvron et al.
+    2021: RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25) comes from timm's data
+    utilities: ``rand_augment`` and ``random_resized_crop`` act on the decoded image, random erasing
+    on the normalised tensor, mixup/cutmix on the batch (the targets become soft labels).
+    """
 
     hflip: bool = Field(False, description="random horizontal flip (wrong for digits and text)")
     crop_padding: int = Field(0, ge=0, description="pixels of reflect padding before random crop")
+    rand_augment: str | None = Field(
+        None, description="timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1' (DeiT); null: off"
+    )
+    random_resized_crop: tuple[float, float] | None = Field(
+        None, description="scale range of a random resized crop, e.g. [0.08, 1.0]; null: off"
+    )
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability per image (DeiT 0.25)")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (DeiT 0.8); 0: off")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (DeiT 1.0); 0: off")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed")
+    mix_switch_prob: float = Field(0.5, ge=0, le=1, description="cutmix instead of mixup")
+
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("random_resized_crop must be [min, max] with 0 < min <= max <= 1")
+        return v
 
 
 class TrainConfig(Section):
-    """``train``: supervised training, AdamW with warm-up + cosine, checkpoint every epoch."""
+    """``train``: supervised training, AdamW with warm-up + cosine, checkpoint every epoch.
+
+    ``batch_size`` is per process (per GPU): under torchrun with N processes and
+    ``accumulate_steps`` k an optimiser step sees N * k * batch_size images. ``lr`` is used as
+    given unless ``lr_scale_batch`` is set (the linear scaling rule, opt-in).
+    """
 
     epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="images per process per forward pass")
+    accumulate_steps: int = Field(1, ge=1, description="forward passes per optimiser step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    lr_scale_batch: int | None = Field(
+        None, gt=0, description="scale lr by global batch / this (e.g. 512 as in DeiT); null: off"
+    )
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an EMA of the weights (e.g. 0.9998) and output it"
+    )
+    eval_every: int = Field(1, ge=1, description="evaluate on val every this many epochs (+ last)")
+    keep: Literal["last", "best"] = Field(
+        "last", description="output the last weights or the best on val (val then selects!)"
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, gt=0, description="also checkpoint every this many optimiser steps (mid-epoch)"
+    )
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="autocast: auto = bf16 (else fp16) on GPU, off on CPU"
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
     max_images: int | None = Field(
-        None, gt=0, description="train images per epoch (a new seeded subset each epoch)"
+        None, gt=0, description="train images per epoch over all ranks (a new seeded subset each)"
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

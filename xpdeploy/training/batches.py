@@ -26,3 +26,26 @@ def shuffled_batches(
         for pixels, labels in loader:
             yield pixels.float(), labels
         epoch += 1
+
+
+def rank_shard(n: int, *, per_epoch: int | None, seed: int, epoch: int, rank: int = 0,
+               world_size: int = 1) -> list[int]:
+    """This rank's sample indices for ``epoch``: a seeded permutation of ``range(n)``, sharded.
+
+    torch's ``DistributedSampler`` (seeded with ``seed + epoch``, padded so every rank gets as
+    many) does the permuting and sharding, so a world of one and a world of N see the same global
+    order: rank r takes positions r, r + N, r + 2N, ... The optional ``per_epoch`` cap keeps the
+    first ``ceil(per_epoch / N)`` of each shard, i.e. a fresh random subset of about ``per_epoch``
+    images per epoch over all ranks.
+    """
+    import math
+
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
+                                 shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    if per_epoch is not None:
+        indices = indices[: math.ceil(min(per_epoch, n) / world_size)]
+    return indices

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,52 @@ def test_sigkill_during_training_resumes_with_the_same_result(tmp_path: Path) ->
     assert sha256_file(killed / "02_train" / "model.safetensors") == sha256_file(
         clean / "02_train" / "model.safetensors"
     )
+
+
+def test_sigkill_mid_epoch_resumes_from_the_step_checkpoint(tmp_path: Path) -> None:
+    """``checkpoint_every_steps``: a kill inside an epoch loses at most k steps, and the resumed
+    run ends with the same weights as an uninterrupted one."""
+    import torch
+
+    d = tiny_pipeline_dict()
+    d["train"].update({"epochs": 3, "batch_size": 16, "checkpoint_every_steps": 10,
+                       "threads": 1})
+    pipe = write_pipeline(tmp_path / "p.yaml", d)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    clean = tmp_path / "clean"
+    subprocess.run(_cli(pipe, clean, "--until", "train"), check=True, env=env,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(pipe, killed, "--until", "train"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "02_train" / "checkpoints" / "last.pt"
+    position = (0, 0)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            position = (state["epoch"], state["step_in_epoch"])
+            if position[1] > 0:  # a mid-epoch checkpoint: kill now
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert position[1] > 0, "the run ended before a mid-epoch checkpoint was seen"
+
+    rerun = subprocess.run(_cli(pipe, killed, "--until", "train"), env=env,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    resumed = re.search(r"resuming from step (\d+) of epoch (\d+)/3", rerun.stdout)
+    assert resumed is not None, rerun.stdout
+    step, epoch = int(resumed.group(1)), int(resumed.group(2))
+    assert epoch == position[0] + 1 and step >= position[1] and step % 10 == 0
+    assert sha256_file(killed / "02_train" / "model.safetensors") == sha256_file(
+        clean / "02_train" / "model.safetensors"
+    )
+    history = json.loads((killed / "02_train" / "history.json").read_text())
+    expected = json.loads((clean / "02_train" / "history.json").read_text())
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in expected])
 
 
 @pytest.mark.parametrize("delay_s", [1.0, 2.5, 5.0])

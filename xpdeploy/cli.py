@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import click
 
 from xpdeploy import __version__
-from xpdeploy.errors import EXIT_ERROR, XpdeployError
+from xpdeploy.distributed import env_rank, is_main
+from xpdeploy.errors import EXIT_ERROR, PeerStoppedError, XpdeployError
 from xpdeploy.progress import format_duration
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ def _one_line(text: str) -> str:
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
     if debug:
         traceback.print_exc()
-    click.echo(f"error: {_one_line(message)}", err=True)
+    rank = env_rank()
+    click.echo(f"{f'[rank {rank}] ' if rank else ''}error: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -40,6 +42,8 @@ def _guarded(debug: bool, fn: Callable[[], T], on_error: Callable[[], None] | No
     """Run ``fn``; turn every failure into one stderr line and an exit code (no traceback)."""
     try:
         return fn()
+    except PeerStoppedError as e:  # rank 0 printed the reason
+        sys.exit(e.exit_code)
     except XpdeployError as e:
         if on_error:
             on_error()
@@ -102,15 +106,26 @@ def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_s
 
     def failed_line() -> None:
         where = folder / "report.md" if (folder / "report.md").is_file() else folder
-        click.echo(f"FAILED | {spec.name} | {format_duration(time.monotonic() - t0)} | {where}")
+        if is_main():
+            click.echo(f"FAILED | {spec.name} | {format_duration(time.monotonic() - t0)} | {where}")
 
     def go() -> None:
+        from xpdeploy import distributed
         from xpdeploy.pipeline import run_pipeline
 
-        result = run_pipeline(spec, folder, from_stage=from_stage, until=until, force=force)
+        info = distributed.init_from_env()  # under torchrun: join the process group
+        if info is not None and info.is_main:
+            click.echo(f"distributed: {info.world_size} processes, backend {info.backend}")
+        try:
+            result = run_pipeline(spec, folder, from_stage=from_stage, until=until, force=force)
+        finally:
+            distributed.shutdown()
         where = folder / result.report.markdown_file if result.report else folder
         extra = f" (stopped after {until})" if until else ""
-        click.echo(f"PASSED | {spec.name} | {format_duration(result.duration_s)} | {where}{extra}")
+        if is_main():
+            click.echo(
+                f"PASSED | {spec.name} | {format_duration(result.duration_s)} | {where}{extra}"
+            )
 
     _guarded(debug, go, on_error=failed_line)
 

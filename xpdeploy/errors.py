@@ -55,3 +55,11 @@ class ParityError(XpdeployError):
 
 class PruneError(XpdeployError):
     """A pruning target or constraint cannot be met, or a plan does not fit the model."""
+
+
+class PeerStoppedError(XpdeployError):
+    """Under torchrun: rank 0 stopped the run (and printed why); other ranks exit quietly."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"rank 0 stopped the run (exit code {exit_code})")
+        self.exit_code = exit_code

@@ -2,20 +2,36 @@
 
 The data flow is ordinary Python and reads top to bottom in :func:`_flow`. The executor decides for
 each stage whether to reuse its outputs (manifest fingerprint matches), rerun it, or stop.
+
+Under ``torchrun`` rank 0 runs :func:`_flow` exactly as a single process does and owns the run
+folder. The other ranks run :func:`_follow`: they wait for rank 0 to announce each collective stage
+(:data:`COLLECTIVE_STAGES`) it is about to run, with its inputs and fingerprint, run the same stage
+function on their data shard, and wait again; every other stage (load, export, simplify, verify,
+report) runs on rank 0 alone. The run folder must be on a filesystem every rank can read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, ParityReport, RunReport
-from xpdeploy.errors import ConfigError, ParityError, RunFolderError
+from xpdeploy.errors import (
+    EXIT_ERROR,
+    ConfigError,
+    ParityError,
+    PeerStoppedError,
+    RunFolderError,
+    XpdeployError,
+)
 from xpdeploy.fileio import sha256_file, sha256_json
 from xpdeploy.progress import format_duration, log
 from xpdeploy.runfolder import RunFolder, now_iso, stage_folder_name
@@ -36,6 +52,11 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
 }
 
 StageFn = Callable[..., dict[str, Artifact]]
+
+#: Stages whose function runs on every rank under torchrun (each on its shard of the data).
+COLLECTIVE_STAGES: frozenset[str] = frozenset({"train", "learn_masks", "prune", "finetune"})
+#: Written by rank 0 at the start of a distributed run; every rank must read it back.
+SHARED_CHECK_FILE = ".ranks-see-this"
 
 
 def _input_files(spec: PipelineSpec, stage: str) -> list[Path]:
@@ -108,6 +129,8 @@ class StageExecutor:
         self.force = force
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        #: True while every rank is inside a collective stage (no announcement can reach them).
+        self.in_collective = False
         self._digests: dict[int, tuple[Artifact, str]] = {}
 
     def digest(self, artifact: Artifact) -> str:
@@ -165,12 +188,20 @@ class StageExecutor:
         stage_dir = self.folder.begin_stage(stage, keep_checkpoints=not forced)
         ctx = StageContext(stage, self.folder.root, stage_dir, self.spec, fingerprint)
         started, t0 = now_iso(), time.monotonic()
+        collective = distributed.current() is not None and stage in COLLECTIVE_STAGES
+        if collective:
+            distributed.broadcast_object(
+                {"kind": "stage", "stage": stage, "inputs": inputs, "fingerprint": fingerprint,
+                 "stage_dir": str(stage_dir)}
+            )
+            self.in_collective = True
         try:
             outputs = fn(ctx, **inputs)
         except BaseException:
             # Nothing half-written: drop this attempt's files, keep resumable checkpoints.
             self.folder.clear_stage(stage)
             raise
+        self.in_collective = False
         duration = time.monotonic() - t0
         self.folder.write_manifest(
             stage,
@@ -247,15 +278,25 @@ def run_pipeline(
     _check_stage_option("--until", until, stages)
     if from_stage and until and stages.index(from_stage) > stages.index(until):
         raise ConfigError(f"--from {from_stage} comes after --until {until}; swap them")
+    if distributed.current() is not None and not distributed.is_main():
+        return _follow(spec, run_dir)
     folder = RunFolder(run_dir)
-    folder.check_pipeline(spec)
     t0 = time.monotonic()
     ex = StageExecutor(spec, folder, from_stage=from_stage, until=until, force=force)
     parity = run_report = None
-    with folder.locked():
-        folder.write_pipeline(spec)
-        with contextlib.suppress(_UntilReached):
-            parity, run_report = _flow(ex)
+    try:
+        folder.check_pipeline(spec)
+        with folder.locked():
+            folder.write_pipeline(spec)
+            _check_ranks_see(folder.root)
+            with contextlib.suppress(_UntilReached):
+                parity, run_report = _flow(ex)
+    except Exception as e:  # (Ctrl-C reaches every rank from torchrun itself)
+        if distributed.current() is not None and not ex.in_collective:
+            code = e.exit_code if isinstance(e, XpdeployError) else EXIT_ERROR
+            distributed.broadcast_object({"kind": "stop", "code": code})
+        raise
+    distributed.broadcast_object({"kind": "end"})
     result = PipelineResult(
         name=spec.name,
         run_dir=run_dir,
@@ -278,3 +319,53 @@ def run_pipeline(
             f"see {where}"
         )
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks other than 0 under torchrun
+
+
+def _check_ranks_see(root: Path) -> None:
+    """Refuse a distributed run whose run folder some rank cannot read (rank 0 side).
+
+    The other ranks read their inputs and checkpoints from the run folder, so it must be shared.
+    """
+    if distributed.current() is None:
+        return
+    token = secrets.token_hex(8)
+    (root / SHARED_CHECK_FILE).write_text(token)
+    distributed.broadcast_object({"kind": "check", "path": str(root.resolve() / SHARED_CHECK_FILE),
+                                  "token": token})
+    seen = distributed.all_gather_object(True)
+    (root / SHARED_CHECK_FILE).unlink()  # every rank has read it
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise RunFolderError(
+            f"ranks {', '.join(map(str, blind))} cannot read the run folder {root}; put it on a "
+            "filesystem every node mounts at the same path (--run-dir)"
+        )
+
+
+def _follow(spec: PipelineSpec, run_dir: Path) -> PipelineResult:
+    """A rank other than 0: run the collective stages rank 0 announces, until it ends the run."""
+    t0 = time.monotonic()
+    ran: list[str] = []
+    while True:
+        msg: dict[str, Any] = distributed.broadcast_object(None)
+        kind = msg["kind"]
+        if kind == "check":
+            path = Path(msg["path"])
+            run_dir = path.parent  # rank 0's absolute path: the same on every node
+            ok = path.is_file() and path.read_text().strip() == msg["token"]
+            distributed.all_gather_object(ok)
+        elif kind == "stage":
+            stage = msg["stage"]
+            module = importlib.import_module(f"xpdeploy.stages.{stage}")
+            ctx = StageContext(stage, run_dir, Path(msg["stage_dir"]), spec, msg["fingerprint"])
+            module.run(ctx, **msg["inputs"])
+            ran.append(stage)
+        elif kind == "stop":
+            raise PeerStoppedError(int(msg["code"]))
+        else:  # "end"
+            return PipelineResult(spec.name, run_dir, passed=True,
+                                  duration_s=time.monotonic() - t0, ran=ran)

@@ -1,7 +1,8 @@
 """Progress for long work: a rich bar with ETA on a terminal, periodic plain lines elsewhere.
 
 CI logs are not terminals: a live bar there either prints nothing until the end or floods the log,
-so off a TTY we print a line every ~10% with the same counts and ETA.
+so off a TTY we print a line every ~10% with the same counts and ETA. Under torchrun only rank 0
+logs and shows progress; the other ranks' output would repeat it N times.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from xpdeploy.distributed import is_main
 
 Advance = Callable[..., None]
 QUIET_S = 2.0  # seconds between plain progress lines off a terminal
@@ -25,12 +28,16 @@ def format_duration(seconds: float) -> str:
 
 def log(message: str) -> None:
     """One status line on stdout; stderr is kept for errors, so a failure is one stderr line."""
-    print(message, flush=True)
+    if is_main():
+        print(message, flush=True)
 
 
 @contextmanager
 def progress(total: int, description: str) -> Iterator[Advance]:
     """Yield ``advance(n=1, **fields)``; fields (e.g. loss=0.31) are shown beside the bar."""
+    if not is_main():
+        yield lambda n=1, **fields: None
+        return
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.progress import (

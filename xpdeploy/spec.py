@@ -140,6 +140,17 @@ class AugmentConfig(Section):
     mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed")
     mix_switch_prob: float = Field(0.5, ge=0, le=1, description="cutmix instead of mixup")
 
+    @field_validator("rand_augment")
+    @classmethod
+    def _rand_augment_spec(cls, v: str | None) -> str | None:
+        # The shape of timm's spec only (timm itself checks the values when training starts;
+        # importing it here would pull torch into the torch-free device side).
+        if v is not None and not re.fullmatch(r"rand(-[a-z]+[0-9.]*)*", v):
+            raise ValueError(
+                f"'{v}' is not a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' (DeiT)"
+            )
+        return v
+
     @field_validator("random_resized_crop")
     @classmethod
     def _scale_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:

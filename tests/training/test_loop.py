@@ -14,6 +14,7 @@ from xpdeploy.data.sources import open_split
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
 from xpdeploy.spec import DataConfigSection, ModelConfig, PreprocessConfig, TrainConfig
+from xpdeploy.training import checkpoint
 
 
 def test_lr_factor_warms_up_then_decays_to_floor() -> None:
@@ -44,7 +45,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path: Path, monkey
                      seed=0, eval_batch_size=64)
     expected = _weights(model)
 
-    real_save = loop._save_checkpoint
+    real_save = checkpoint.save
 
     def save_then_die(path, state):
         real_save(path, state)
@@ -52,11 +53,11 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path: Path, monkey
 
     interrupted, _ = _setup()
     interrupted.load_state_dict(init)
-    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         loop.train_model(interrupted, train, None, cfg, checkpoint_dir=tmp_path / "b",
                          fingerprint="f", seed=0, eval_batch_size=64)
-    monkeypatch.setattr(loop, "_save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save", real_save)
 
     resumed, _ = _setup()
     resumed.load_state_dict(init)
@@ -66,5 +67,5 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path: Path, monkey
     for a, b in zip(_weights(resumed), expected, strict=True):
         assert torch.equal(a, b)
 
-    other = loop._load_checkpoint(tmp_path / "b" / loop.CHECKPOINT_NAME, "another-fingerprint")
+    other = checkpoint.load(tmp_path / "b" / loop.CHECKPOINT_NAME, "another-fingerprint")
     assert other is None

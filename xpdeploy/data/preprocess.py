@@ -106,6 +106,15 @@ def preprocess_image(img: Image.Image, cfg: DataConfig) -> np.ndarray:
     ``cfg.input_size`` is (channels, height, width) in pixels; ``mean`` and ``std`` are per channel
     on the 0..1 scale. The result is C-contiguous and the same bytes on every machine.
     """
+    return normalize(np.asarray(eval_geometry(img, cfg)), cfg)
+
+
+def eval_geometry(img: Image.Image, cfg: DataConfig) -> Image.Image:
+    """Steps 1-3 of :func:`preprocess_image`: RGB, aspect-keeping resize, centre crop to H x W.
+
+    Separate from the normalisation so that training augmentation can work on the decoded image
+    between the two (RandAugment) and still see exactly the evaluation geometry.
+    """
     _check_config(cfg)
     _, out_h, out_w = cfg.input_size
     rgb = to_rgb(img)
@@ -116,7 +125,7 @@ def preprocess_image(img: Image.Image, cfg: DataConfig) -> np.ndarray:
         left = round((new_w - out_w) / 2.0)  # torchvision's CenterCrop offsets
         top = round((new_h - out_h) / 2.0)
         rgb = rgb.crop((left, top, left + out_w, top + out_h))
-    return normalize(np.asarray(rgb), cfg)
+    return rgb
 
 
 def normalize(hwc: np.ndarray, cfg: DataConfig) -> np.ndarray:

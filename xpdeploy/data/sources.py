@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from xpdeploy.data.preprocess import preprocess_image
+from xpdeploy.data.preprocess import preprocess_image, to_rgb
 from xpdeploy.errors import DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from xpdeploy.artifacts import DataConfig
     from xpdeploy.spec import DataConfigSection
 
 Split = Literal["train", "val"]
+T = TypeVar("T")
 
 #: File name endings read as images (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -62,6 +65,14 @@ class SourceSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         raise NotImplementedError
 
+    def load_image(self, index: int) -> Image.Image:
+        """Sample ``index`` as a decoded 8-bit RGB image, before any resize or normalisation.
+
+        For training augmentation that works on the image (random resized crop, RandAugment);
+        :func:`~xpdeploy.data.preprocess.preprocess_image` of it equals ``self[index][0]``.
+        """
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(source={self.source!r}, samples={len(self)}, "
@@ -85,11 +96,23 @@ class ImageFolderSplit(SourceSplit):
         self.data_config = data_config
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        pixels = self._decode(index, lambda img: preprocess_image(img, self.data_config))
+        return pixels, int(self.labels[index])
+
+    def load_image(self, index: int) -> Image.Image:
+        return self._decode(index, to_rgb)
+
+    def _decode(self, index: int, use: Callable[[Image.Image], T]) -> T:
+        """Open and decode file ``index`` and return ``use(image)``.
+
+        ``use`` runs inside the same error handling as the decoding, so any file Pillow cannot
+        read, whether it fails on opening, decoding or converting, gives one DataError naming it.
+        """
         path = self.files[index]
         try:
             with Image.open(path) as img:
                 img.load()
-                pixels = preprocess_image(img, self.data_config)
+                return use(img)
         except DataError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -97,7 +120,6 @@ class ImageFolderSplit(SourceSplit):
             raise DataError(
                 f"cannot read image {path}: {reason}; replace the file or delete it"
             ) from None
-        return pixels, int(self.labels[index])
 
 
 class ArraySplit(SourceSplit):
@@ -125,6 +147,9 @@ class ArraySplit(SourceSplit):
 
     def _preprocess(self, index: int) -> np.ndarray:
         return preprocess_image(Image.fromarray(self.images[index]), self.data_config)
+
+    def load_image(self, index: int) -> Image.Image:
+        return to_rgb(Image.fromarray(self.images[index]))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         # A copy, so a caller that edits a sample in place cannot corrupt the cache.

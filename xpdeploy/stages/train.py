@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, TorchModel
 from xpdeploy.data.sources import open_split
+from xpdeploy.data.train_augment import describe
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model, save_model
 from xpdeploy.spec import FinetuneConfig, TrainConfig
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.distill import Distiller
-from xpdeploy.training.loop import train_model
+from xpdeploy.training.loop import effective_lr, train_model
 
 
 def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
@@ -19,7 +21,10 @@ def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
 
 def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
                 teacher: TorchModel | None = None) -> dict[str, Artifact]:
-    """Train ``model`` with ``cfg`` in the stage folder (shared by ``train`` and ``finetune``)."""
+    """Train ``model`` with ``cfg`` in the stage folder (shared by ``train`` and ``finetune``).
+
+    Collective under torchrun: every rank trains its shard; rank 0 alone writes the results.
+    """
     spec = ctx.spec
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     distiller = None
@@ -43,7 +48,24 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
         workers=spec.data.workers,
         distiller=distiller,
     )
+    if not distributed.is_main():
+        return {}
     write_json_atomic(ctx.stage_dir / "history.json", result.history)
+    write_json_atomic(ctx.stage_dir / "recipe.json", {
+        "processes": distributed.world_size(),
+        "batch_per_process": cfg.batch_size,
+        "accumulate_steps": cfg.accumulate_steps,
+        "global_batch": cfg.batch_size * cfg.accumulate_steps * distributed.world_size(),
+        "peak_lr": effective_lr(cfg),
+        "amp": cfg.amp,
+        "device": str(distributed.device()),
+        "augment": describe(cfg.augment),
+        "ema_decay": cfg.ema_decay,
+        "keep": cfg.keep,
+        "best_epoch": result.best_epoch,
+        "best_top1": result.best_top1,
+        "distill": getattr(cfg, "distill", "none"),
+    })
     arch_path, weights_path = save_model(net, model.arch, ctx.stage_dir)
     return {
         "model": model.model_copy(

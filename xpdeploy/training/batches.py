@@ -11,18 +11,25 @@ if TYPE_CHECKING:
 
 
 def shuffled_batches(
-    dataset: Dataset, batch_size: int, *, seed: int, workers: int = 0
+    dataset: Dataset, batch_size: int, *, seed: int, workers: int = 0, rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (pixels, labels) in a fresh seeded order every pass, without end."""
-    import torch
+    """Batches of (pixels, labels) in a fresh seeded order every pass, without end.
+
+    Pass p takes this rank's share of :func:`rank_shard` (epoch = p), so under torchrun every rank
+    draws its own disjoint part of one global order, with ``batch_size`` images **per rank**: N
+    ranks with batch b see, step by step, the images one process sees with batch N * b (when the
+    split divides evenly). Every rank gets as many batches per pass (the sampler pads), so ranks
+    stepping together never wait on a rank that has run dry.
+    """
     from torch.utils.data import DataLoader
 
     n = len(dataset)  # type: ignore[arg-type]
     epoch = 0
     while True:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
-                            num_workers=workers)
+        order = rank_shard(n, per_epoch=None, seed=seed, epoch=epoch, rank=rank,
+                           world_size=world_size)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers)
         for pixels, labels in loader:
             yield pixels.float(), labels
         epoch += 1

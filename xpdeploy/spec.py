@@ -207,7 +207,7 @@ class LearnMasksConfig(Section):
 
     epochs: int = Field(1, gt=0, description="passes over the (possibly capped) train split")
     max_images: int | None = Field(None, gt=0, description="cap on train images per epoch")
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0, description="images per process per step (torchrun: x N)")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate (cosine decay, no weight decay)")
     min_lr: float = Field(0.0, ge=0)
     sparsity: Literal["l2", "l1"] = "l2"
@@ -223,7 +223,7 @@ class ThresholdConfig(Section):
     """``prune.ranking: threshold`` (v2): learned per-(block, type) thresholds under the budget."""
 
     steps: int = Field(200, gt=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="images per process per step (torchrun: x N)")
     lr: float = Field(0.02, gt=0, description="threshold learning rate")
     multiplier_lr: float = Field(0.01, gt=0, description="gradient ascent on beta and gamma")
     sharpness_start: float = Field(10.0, gt=0, description="n in tanh(n (s - theta)), first step")

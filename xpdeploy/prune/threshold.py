@@ -38,6 +38,16 @@ Decisions (ours, where the paper is silent to us):
   threshold inside the range; Adam's per-parameter step keeps tiny gradients moving.
 - The keep sets from the thresholds then go through the planner's exact-budget greedy repair,
   the same as ``ranking: global``, so the plan meets the target MACs within its tolerance.
+
+**Under torchrun** the search is collective: every rank calls :func:`threshold_search` with the
+same scores and target and its own shard of the batches (``shuffled_batches(..., rank=,
+world_size=)``; the batch size is per rank). The thresholds (fp32 parameters) and the backbone
+live in one module that is wrapped in DDP, so their gradients are averaged over ranks and every
+rank takes the same Adam step. The multipliers need no communication: they follow from the
+expected MACs, a function of the thresholds and scores only, which are identical on every rank,
+so every rank computes the same beta and gamma. The ``ce`` of the history is the mean over all
+ranks' images of the step. N ranks with batch b therefore search as one process with batch N x b,
+to float rounding.
 """
 
 from __future__ import annotations
@@ -47,7 +57,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import nn
 
+from xpdeploy import distributed
 from xpdeploy.errors import PruneError
 from xpdeploy.models.units import gated_units, unit_sites
 from xpdeploy.progress import progress
@@ -55,9 +68,6 @@ from xpdeploy.prune.planner import PlanConstraints, repair_to_budget, smallest_m
 from xpdeploy.prune.units import KeepSets, UnitScores
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
     from xpdeploy.prune.macs import MacModel
     from xpdeploy.spec import ThresholdConfig
 
@@ -164,6 +174,79 @@ def _check_shapes(model: nn.Module, scores: UnitScores, macs: MacModel) -> None:
         )
 
 
+class GatedThresholds(nn.Module):
+    """The backbone with its heads and neurons gated by per-block thresholds (what DDP wraps).
+
+    ``theta_h`` / ``theta_n`` (fp32, shape (blocks,), normalised-score units) are parameters and
+    the backbone a submodule, so that DDP averages the gradients of the thresholds, and of the
+    backbone's weights when they train. The scores and the MAC model are constants held as plain
+    attributes (buffers would be re-broadcast by DDP every step).
+    """
+
+    def __init__(self, model: nn.Module, scores: UnitScores, macs: MacModel,
+                 initial: tuple[float, float]) -> None:
+        super().__init__()
+        device = next(model.parameters()).device
+        blocks = len(scores.heads)
+        self.model = model
+        self.theta_h = nn.Parameter(torch.full((blocks,), initial[0], dtype=torch.float32,
+                                               device=device))
+        self.theta_n = nn.Parameter(torch.full((blocks,), initial[1], dtype=torch.float32,
+                                               device=device))
+        self.s_h = [torch.as_tensor(np.asarray(t), dtype=torch.float32, device=device)
+                    for t in scores.heads]
+        self.s_n = [torch.as_tensor(np.asarray(t), dtype=torch.float32, device=device)
+                    for t in scores.neurons]
+        self.mac_model = macs
+        #: The gates of the current step, read by the backbone's hooks (:func:`gated_units`).
+        self.gates: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
+
+    @property
+    def blocks(self) -> int:
+        return len(self.s_h)
+
+    def forward(self, x: torch.Tensor, n: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, expected MACs per image as a float64 scalar) with gates of sharpness ``n``.
+
+        Call it inside ``gated_units(self.model, heads=..., neurons=...)`` reading
+        :attr:`gates`; the expected MACs depend on the thresholds only (identical on all ranks).
+        """
+        b = range(self.blocks)
+        self.gates["heads"] = [(1 + torch.tanh(n * (self.s_h[i] - self.theta_h[i]))) / 2
+                               for i in b]
+        self.gates["neurons"] = [(1 + torch.tanh(n * (self.s_n[i] - self.theta_n[i]))) / 2
+                                 for i in b]
+        expected = self.mac_model.macs([g.sum().double() for g in self.gates["heads"]],
+                                       [g.sum().double() for g in self.gates["neurons"]])
+        return self.model(x), expected
+
+    def hard_macs(self) -> float:
+        """MACs per image of the units with ``s > theta`` (the deployed structure now)."""
+        with torch.no_grad():
+            b = range(self.blocks)
+            return float(self.mac_model.macs(
+                [int((self.s_h[i] > self.theta_h[i]).sum()) for i in b],
+                [int((self.s_n[i] > self.theta_n[i]).sum()) for i in b]))
+
+
+def _global_mean(value: float, count: int) -> float:
+    """The mean over all ranks' samples of a per-rank mean ``value`` over ``count`` samples."""
+    if distributed.current() is None:
+        return value  # as is: value * count / count may differ in the last bit
+    total, samples = distributed.all_reduce_sum([value * count, count])
+    return total / max(samples, 1.0)
+
+
+def _keep_from_thresholds(scores: UnitScores, th_h: np.ndarray, th_n: np.ndarray) -> KeepSets:
+    blocks = range(len(scores.heads))
+    return KeepSets(
+        heads=[np.flatnonzero(np.asarray(scores.heads[b]) > th_h[b]).astype(np.int64)
+               for b in blocks],
+        neurons=[np.flatnonzero(np.asarray(scores.neurons[b]) > th_n[b]).astype(np.int64)
+                 for b in blocks],
+    )
+
+
 def threshold_search(
     model: nn.Module,
     scores: UnitScores,
@@ -186,9 +269,9 @@ def threshold_search(
     Without ``cfg.backbone_lr`` the backbone is frozen and left bit-identical (its
     ``requires_grad`` flags are restored); with it the backbone trains with AdamW (no weight decay:
     a short adaptation should not shrink the weights) **in place**, and ``backbone_adapted`` is
-    True. ``seed`` seeds torch (the data order is the caller's).
+    True. ``seed`` seeds torch (the data order is the caller's). Collective under torchrun, with
+    ``batches`` this rank's shard (module docstring); every rank gets the same result.
     """
-    import torch
     import torch.nn.functional as F
 
     _check_shapes(model, scores, macs)
@@ -202,53 +285,39 @@ def threshold_search(
             "GMACs; change the target or the prune constraints"
         )
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
     alpha = 1.0 - target_macs / original
-    blocks = len(scores.heads)
-    theta0_h, theta0_n = (initial if initial is not None
-                          else initial_thresholds(scores, macs, target_macs))
-    theta_h = torch.full((blocks,), theta0_h, dtype=torch.float32, device=device,
-                         requires_grad=True)
-    theta_n = torch.full((blocks,), theta0_n, dtype=torch.float32, device=device,
-                         requires_grad=True)
-    s_h = [torch.as_tensor(np.asarray(t), dtype=torch.float32, device=device)
-           for t in scores.heads]
-    s_n = [torch.as_tensor(np.asarray(t), dtype=torch.float32, device=device)
-           for t in scores.neurons]
-    optimizer = torch.optim.Adam([theta_h, theta_n], lr=cfg.lr)
-
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     adapt = cfg.backbone_lr is not None
     was_training = model.training
     model.eval()
-    for p in params:
+    for p in params:  # before wrapping: DDP syncs exactly the parameters that need a gradient
         p.requires_grad_(adapt)
+    search = GatedThresholds(model, scores, macs, initial if initial is not None
+                             else initial_thresholds(scores, macs, target_macs))
+    optimizer = torch.optim.Adam([search.theta_h, search.theta_n], lr=cfg.lr)
     backbone_opt = (torch.optim.AdamW(params, lr=cfg.backbone_lr, weight_decay=0.0)
                     if adapt else None)
+    device = search.theta_h.device
 
-    gates: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
     beta = gamma = 0.0
     history: list[dict[str, float]] = []
     try:
+        ddp = distributed.wrap_ddp(search)
         with progress(cfg.steps, "threshold") as advance, gated_units(
-            model, heads=lambda b: gates["heads"][b], neurons=lambda b: gates["neurons"][b]
+            model, heads=lambda b: search.gates["heads"][b],
+            neurons=lambda b: search.gates["neurons"][b],
         ):
             data = _batches_forever(batches, cfg.steps)
             for step in range(cfg.steps):
                 x, y = next(data)
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 n = sharpness(step, cfg.steps, cfg.sharpness_start, cfg.sharpness_end)
-                gates["heads"] = [(1 + torch.tanh(n * (s_h[b] - theta_h[b]))) / 2
-                                  for b in range(blocks)]
-                gates["neurons"] = [(1 + torch.tanh(n * (s_n[b] - theta_n[b]))) / 2
-                                    for b in range(blocks)]
-                expected = macs.macs([g.sum().double() for g in gates["heads"]],
-                                     [g.sum().double() for g in gates["neurons"]])
+                logits, expected = ddp(x, n)
                 removed = 1.0 - expected / original
                 gap = alpha - removed
                 budget = beta * gap**2 + gamma * gap
-                ce = F.cross_entropy(model(x), y)
+                ce = F.cross_entropy(logits, y)
                 loss = ce + budget.float()
                 optimizer.zero_grad(set_to_none=True)
                 if backbone_opt is not None:
@@ -258,40 +327,34 @@ def threshold_search(
                 if backbone_opt is not None:
                     backbone_opt.step()
                 g = float(gap.detach())
-                with torch.no_grad():
-                    hard = macs.macs([int((s_h[b] > theta_h[b]).sum()) for b in range(blocks)],
-                                     [int((s_n[b] > theta_n[b]).sum()) for b in range(blocks)])
+                hard = search.hard_macs()
                 history.append({
-                    "step": float(step), "ce": float(ce.detach()),
+                    "step": float(step), "ce": _global_mean(float(ce.detach()), int(x.shape[0])),
                     "budget": float(budget.detach()), "R": float(removed.detach()),
-                    "R_hard": 1.0 - float(hard) / original, "n": n,
+                    "R_hard": 1.0 - hard / original, "n": n,
                     "beta": beta, "gamma": gamma, "macs": float(expected.detach()),
                 })
-                # Gradient ascent on the multipliers: dL/dbeta = gap^2, dL/dgamma = gap.
+                # Gradient ascent on the multipliers: dL/dbeta = gap^2, dL/dgamma = gap. The gap
+                # comes from the thresholds alone, so every rank makes the same update.
                 beta += cfg.multiplier_lr * g**2
                 gamma += cfg.multiplier_lr * g
                 advance(ce=history[-1]["ce"], R=history[-1]["R"])
     finally:
-        gates["heads"], gates["neurons"] = [], []
+        search.gates["heads"], search.gates["neurons"] = [], []
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
             if adapt:
                 p.grad = None
         model.train(was_training)
 
-    th_h = theta_h.detach().cpu().double().numpy()
-    th_n = theta_n.detach().cpu().double().numpy()
-    threshold_keep = KeepSets(
-        heads=[np.flatnonzero(np.asarray(scores.heads[b]) > th_h[b]).astype(np.int64)
-               for b in range(blocks)],
-        neurons=[np.flatnonzero(np.asarray(scores.neurons[b]) > th_n[b]).astype(np.int64)
-                 for b in range(blocks)],
-    )
+    th_h = search.theta_h.detach().cpu().double().numpy()
+    th_n = search.theta_n.detach().cpu().double().numpy()
+    threshold_keep = _keep_from_thresholds(scores, th_h, th_n)
     keep = repair_to_budget(threshold_keep, scores, macs, target_macs, constraints)
     return ThresholdResult(
         keep=keep,
         threshold_keep=threshold_keep,
-        thresholds=[(float(th_h[b]), float(th_n[b])) for b in range(blocks)],
+        thresholds=[(float(th_h[b]), float(th_n[b])) for b in range(search.blocks)],
         history=history,
         alpha=float(alpha),
         backbone_adapted=adapt,

@@ -1,7 +1,14 @@
-"""``learn_masks``: X-Pruner's class-wise explainability masks, with the backbone frozen."""
+"""``learn_masks``: X-Pruner's class-wise explainability masks, with the backbone frozen.
+
+Collective under torchrun: every rank learns (its shard of the data, ``learn_masks.batch_size``
+images per rank per step, gradients averaged) and ends with the same masks; rank 0 alone writes
+the masks, scores, history and plots, and the other ranks return no outputs (the executor hands
+rank 0's to every rank).
+"""
 
 from __future__ import annotations
 
+from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, MaskSet, TorchModel
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import write_json_atomic
@@ -13,12 +20,16 @@ from xpdeploy.xpruner.plots import plot_class_unit_heatmaps, plot_curve, plot_sc
 
 def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
     spec, cfg = ctx.spec, ctx.spec.learn_masks
-    net = rebuild_model(model.arch, ctx.path(model.weights_file))
+    # This rank's GPU when there is one (DDP over NCCL needs the model there), as in training.
+    net = rebuild_model(model.arch, ctx.path(model.weights_file)).to(distributed.device())
     train_set = open_split(spec.data, model.data_config, "train",
                            num_classes=model.arch.num_classes, seed=spec.seed)
     result = learn_masks(net, train_set, cfg, num_classes=model.arch.num_classes, seed=spec.seed,
                          checkpoint_dir=ctx.stage_dir / "checkpoints", fingerprint=ctx.fingerprint,
                          workers=spec.data.workers)
+    if not distributed.is_main():
+        return {}
+    result.masks.to("cpu")
     masks_path, scores_path = ctx.stage_dir / "masks.safetensors", ctx.stage_dir / "scores.json"
     history_path = ctx.stage_dir / "history.json"
     save_masks(masks_path, result.masks)

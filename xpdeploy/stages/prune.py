@@ -1,9 +1,19 @@
-"""``prune``: unit scores of one criterion -> a plan at the MAC budget -> the pruned model."""
+"""``prune``: unit scores of one criterion -> a plan at the MAC budget -> the pruned model.
+
+Under torchrun only ``ranking: threshold`` is collective: rank 0 computes the scores and shares
+them, every rank runs the threshold search on its shard of the train split
+(``prune.threshold.batch_size`` images per rank per step), and rank 0 alone prunes, evaluates and
+writes. Every other way of planning (global ranking, a replayed plan) is cheap or not data
+parallel, so rank 0 does it alone and the other ranks return at once. The other ranks return no
+outputs; the executor hands rank 0's to every rank.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
+from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
 from xpdeploy.data.sources import open_split
 from xpdeploy.errors import ConfigError, PruneError
@@ -18,6 +28,9 @@ from xpdeploy.prune.units import KeepSets, UnitScores
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, macs: MacModel
@@ -41,10 +54,41 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
     return criteria.taylor_scores(net, batches, cfg.taylor_images)
 
 
+def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks: MaskSet | None,
+                    macs: MacModel, target: float, constraints: PlanConstraints
+                    ) -> tuple[KeepSets, dict[str, object]]:
+    """Keep sets of the threshold search and what plan.json records of it (collective).
+
+    The search runs on this rank's device and shard; ``net`` is back on the CPU afterwards (adapted
+    in place when ``backbone_lr`` is set), ready for the surgery.
+    """
+    from xpdeploy.prune.threshold import threshold_search
+
+    spec, cfg = ctx.spec, ctx.spec.prune
+    assert cfg is not None
+    # Rank 0 scores alone (taylor reads data), so every rank searches with the very same scores.
+    scores = distributed.broadcast_object(
+        _scores(ctx, net, model, masks, macs) if distributed.is_main() else None)
+    train = open_split(spec.data, model.data_config, "train",
+                       num_classes=model.arch.num_classes, seed=spec.seed)
+    batches = shuffled_batches(train, cfg.threshold.batch_size, seed=spec.seed,
+                               workers=spec.data.workers, rank=distributed.rank(),
+                               world_size=distributed.world_size())
+    net.to(distributed.device())  # DDP over NCCL needs the model on this rank's GPU
+    result = threshold_search(net, scores.normalized(cfg.normalize), macs, batches,
+                              cfg.threshold, target, constraints, seed=spec.seed)
+    net.to("cpu")
+    return result.keep, {"thresholds": result.thresholds, "threshold_history": result.history,
+                         "backbone_adapted": result.backbone_adapted}
+
+
 def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         ) -> dict[str, Artifact]:
     spec, cfg = ctx.spec, ctx.spec.prune
     assert cfg is not None  # PipelineSpec.check_runnable
+    collective = cfg.plan_file is None and cfg.ranking == "threshold"
+    if not collective and not distributed.is_main():
+        return {}  # rank 0 plans alone
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     size = model.data_config.input_size
     macs = MacModel.from_model(net, size)
@@ -63,18 +107,9 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         scores = _scores(ctx, net, model, masks, macs)
         keep = plan_global(scores, macs, target, constraints, cfg.normalize)
     else:
-        from xpdeploy.prune.threshold import threshold_search
-
-        scores = _scores(ctx, net, model, masks, macs)
-        train = open_split(spec.data, model.data_config, "train",
-                           num_classes=model.arch.num_classes, seed=spec.seed)
-        batches = shuffled_batches(train, cfg.threshold.batch_size, seed=spec.seed,
-                                   workers=spec.data.workers)
-        result = threshold_search(net, scores.normalized(cfg.normalize), macs, batches,
-                                  cfg.threshold, target, constraints, seed=spec.seed)
-        keep = result.keep
-        extra = {"thresholds": result.thresholds, "threshold_history": result.history,
-                 "backbone_adapted": result.backbone_adapted}
+        keep, extra = _threshold_plan(ctx, net, model, masks, macs, target, constraints)
+        if not distributed.is_main():
+            return {}
     params_before = count_params_m(net)
     prune_vit(net, keep)
     gmacs = count_gmacs(net, size)

@@ -11,10 +11,22 @@ entries that moved more than ``converged_eps`` during it (heads and neurons apar
 (std / mean) of the unit scores; the run is ``converged`` when under 5% of both moved in the last
 epoch, and says what to change when not.
 
-The data order of epoch e is a permutation seeded by (seed, e), as in :mod:`xpdeploy.training.loop`,
-and the optional ``max_images`` cap draws one seeded subset used by every epoch; the frozen model
-runs in eval mode (no dropout), so a run resumed from the checkpoint after epoch e gives the same
-masks as an uninterrupted one.
+The data order of epoch e is :func:`xpdeploy.training.batches.rank_shard` seeded by (seed, e), as
+in :mod:`xpdeploy.training.loop`, and the optional ``max_images`` cap draws one seeded subset used
+by every epoch (the same few images every epoch, unlike the training loop's fresh subset per epoch:
+the masks should settle on one fixed set); the frozen model runs in eval mode (no dropout), so a run
+resumed from the checkpoint after epoch e gives the same masks as an uninterrupted one.
+
+**Under torchrun** (collective: every rank calls :func:`learn_masks` with the same arguments) the
+global subset and each epoch's global order are the same as for one process; rank r takes the
+positions r, r + N, ... of that order and ``batch_size`` is **per rank** (global batch N x
+batch_size). The masks are parameters of the DDP-wrapped :class:`MaskedModel`, so their gradients
+(cross-entropy of the rank's images plus the regularisers, which every rank adds) are averaged
+over ranks and every rank takes the same Adam step: N ranks with batch b learn the masks one
+process learns with batch N x b, to float rounding, when the subset divides into global batches.
+The masks and Adam's state stay float32 whatever the backbone's dtype or autocast (they move by
+~lr per step; half precision would round small steps away). Rank 0 alone writes the checkpoint;
+every rank resumes from it (the stage folder must be on a filesystem all ranks see).
 """
 
 from __future__ import annotations
@@ -28,9 +40,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from xpdeploy.errors import DataError, ModelError
+from xpdeploy import distributed
+from xpdeploy.errors import ConfigError, DataError, ModelError
 from xpdeploy.fileio import sha256_json, write_with
 from xpdeploy.progress import log, progress
+from xpdeploy.training.batches import rank_shard
 from xpdeploy.training.loop import lr_factor
 from xpdeploy.xpruner.losses import smoothness_loss, sparsity_loss
 from xpdeploy.xpruner.masks import ClassMasks, MaskedModel, scores
@@ -68,11 +82,24 @@ class MaskLearningResult:
 
 
 def epoch_subset(n: int, max_images: int | None, seed: int) -> np.ndarray:
-    """Indices of the images used every epoch: all of them, or one seeded sorted sample."""
+    """Indices of the images used every epoch: all of them, or one seeded sorted sample.
+
+    Global (the same on every rank): :func:`epoch_order` shards it.
+    """
     if max_images is None or max_images >= n:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng([seed, _SUBSET_SALT])
     return np.sort(rng.choice(n, size=max_images, replace=False)).astype(np.int64)
+
+
+def epoch_order(subset: np.ndarray, *, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> list[int]:
+    """This rank's dataset indices for ``epoch``, in order: its shard of a seeded shuffle of
+    ``subset`` (:func:`rank_shard`; every rank gets as many, the sampler repeats a few when
+    ``len(subset)`` is not a multiple of ``world_size``)."""
+    positions = rank_shard(len(subset), per_epoch=None, seed=seed, epoch=epoch, rank=rank,
+                           world_size=world_size)
+    return subset[np.asarray(positions, dtype=np.int64)].tolist()
 
 
 def _spread(tables: list[np.ndarray]) -> float:
@@ -101,15 +128,38 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _run_key(cfg: LearnMasksConfig, *, fingerprint: str, seed: int, num_classes: int,
-             images: int) -> str:
+             images: int, world_size: int) -> str:
     """The caller's fingerprint plus what this function itself depends on (thread count aside).
 
-    So a checkpoint is never resumed under another config, seed or data size even when the caller's
+    So a checkpoint is never resumed under another config, seed, data size or number of ranks
+    (which sets the global batch, the steps per epoch and so the lr schedule) even when the caller's
     fingerprint does not cover them.
     """
     settings = cfg.model_dump(mode="json", exclude={"threads"})
     return sha256_json({"fingerprint": fingerprint, "cfg": settings, "seed": seed,
-                        "num_classes": num_classes, "images": images})
+                        "num_classes": num_classes, "images": images,
+                        "world_size": world_size})
+
+
+def _check_same_start(start_epoch: int, path: Path | None) -> None:
+    """Refuse (on every rank alike) a resume where the ranks read different checkpoints.
+
+    They would run different numbers of steps and hang in DDP's all-reduce; the usual cause is a
+    stage folder that is not on a filesystem every rank sees.
+    """
+    starts = distributed.all_gather_object(start_epoch)
+    if len(set(starts)) > 1:
+        raise ConfigError(
+            f"learn_masks: the ranks found different mask checkpoints at {path} (resuming after "
+            f"epochs {starts}, in rank order); put the run folder on a filesystem every rank sees"
+        )
+
+
+def _global_means(sums: dict[str, float], seen: int) -> dict[str, float]:
+    """Per-image means of the epoch's loss sums over all ranks' images (collective)."""
+    keys = list(sums)
+    *totals, images = distributed.all_reduce_sum([*(sums[k] for k in keys), seen])
+    return {k: v / max(images, 1.0) for k, v in zip(keys, totals, strict=True)}
 
 
 def _load_checkpoint(path: Path, fingerprint: str, run_key: str) -> dict[str, Any] | None:
@@ -142,6 +192,138 @@ def _fresh_state(
     return masks, optimizer, scheduler
 
 
+@dataclass
+class _Run:
+    """The mutable state of one mask-learning run: what the checkpoint holds."""
+
+    masks: ClassMasks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    def checkpoint(self, fingerprint: str, run_key: str) -> dict[str, Any]:
+        return {
+            "fingerprint": fingerprint,
+            "run_key": run_key,
+            "epoch": len(self.history),
+            "masks": self.masks.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+        }
+
+
+def _start(model: nn.Module, num_classes: int, cfg: LearnMasksConfig, total_steps: int,
+           checkpoint_path: Path | None, fingerprint: str, run_key: str) -> _Run:
+    """A fresh run, or the one the checkpoint holds when it belongs to this exact run."""
+    run = _Run(*_fresh_state(model, num_classes, cfg, total_steps))
+    state = _load_checkpoint(checkpoint_path, fingerprint, run_key) if checkpoint_path else None
+    if state is None:
+        return run
+    try:
+        run.masks.load_state_dict(state["masks"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.history = list(state["history"])
+        run.start_epoch = int(state["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        log(f"  mask checkpoint {checkpoint_path} does not fit this model "
+            f"({type(e).__name__}); starting at epoch 0")
+        return _Run(*_fresh_state(model, num_classes, cfg, total_steps))
+    log(f"  resuming mask learning after epoch {run.start_epoch}/{cfg.epochs}")
+    return run
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise DataError(
+            f"learn_masks: a label is outside 0..{num_classes - 1} (seen "
+            f"{int(y.min())}..{int(y.max())}); the data and the model disagree"
+        )
+
+
+def _train_epoch(ddp: nn.Module, run: _Run, loader: Any, cfg: LearnMasksConfig, *,
+                 num_classes: int, device: torch.device, steps: int, label: str
+                 ) -> tuple[dict[str, float], int]:
+    """One pass over this rank's shard: (sums over its images of each loss term, images seen).
+
+    ``ddp`` is the (DDP-wrapped) :class:`MaskedModel`: its backward averages the mask gradients
+    over ranks, so every rank takes the same step. The regularisers are computed on every rank
+    from the (identical) masks, so their averaged gradient is their own.
+    """
+    masks = run.masks
+    sums = {"loss": 0.0, "ce": 0.0, "sparsity": 0.0, "smoothness": 0.0}
+    seen = 0
+    with progress(steps, label) as adv:
+        for pixels, labels in loader:
+            x = torch.as_tensor(pixels).to(device, non_blocking=True)
+            y = torch.as_tensor(labels).to(device, non_blocking=True)
+            _check_labels(y, num_classes)
+            ce = torch.nn.functional.cross_entropy(ddp(x, y).float(), y)
+            sparse = sparsity_loss(masks, cfg.sparsity)
+            smooth = smoothness_loss(masks, cfg.smoothness)
+            loss = ce + cfg.lambda_sparse * sparse + cfg.lambda_smooth * smooth
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            run.scheduler.step()
+            if cfg.project:
+                with torch.no_grad():
+                    for t in masks.tables():
+                        t.clamp_(0.0, 1.0)
+            b = int(y.numel())
+            for key, value in (("loss", loss), ("ce", ce), ("sparsity", sparse),
+                               ("smoothness", smooth)):
+                sums[key] += float(value.detach()) * b
+            seen += b
+            adv(loss=sums["loss"] / seen, ce=sums["ce"] / seen)
+    return sums, seen
+
+
+def _epoch_record(run: _Run, before: list[torch.Tensor], means: dict[str, float], *,
+                  epoch: int, steps: int, eps: float) -> dict[str, float]:
+    """The history entry of ``epoch`` (0-based): global loss means and the convergence figures.
+
+    The convergence figures come from the masks alone, which are identical on every rank.
+    """
+    masks, nh = run.masks, run.masks.num_blocks
+    after = masks.tables()
+    unit_scores = scores(masks)
+    return {
+        "epoch": epoch + 1,
+        **means,
+        "moved_heads": _moved_share(before[:nh], after[:nh], eps),
+        "moved_neurons": _moved_share(before[nh:], after[nh:], eps),
+        "score_spread_heads": _spread(unit_scores.heads),
+        "score_spread_neurons": _spread(unit_scores.neurons),
+        "mask_abs_mean_heads": _abs_mean(after[:nh]),
+        "mask_abs_mean_neurons": _abs_mean(after[nh:]),
+        "lr": float(run.scheduler.get_last_lr()[0]),
+        "steps": (epoch + 1) * steps,
+    }
+
+
+def _log_epoch(record: dict[str, float], epochs: int) -> None:
+    log(
+        f"  masks epoch {int(record['epoch'])}/{epochs}: loss {record['loss']:.4f} "
+        f"(ce {record['ce']:.4f}, sparsity {record['sparsity']:.4g}, smoothness "
+        f"{record['smoothness']:.4g}); moved heads {record['moved_heads']:.1%} neurons "
+        f"{record['moved_neurons']:.1%}; score std/mean heads "
+        f"{record['score_spread_heads']:.3f} neurons {record['score_spread_neurons']:.3f}"
+    )
+
+
+def _warn_unconverged(last: dict[str, float], cfg: LearnMasksConfig) -> None:
+    log(
+        f"  warning: the masks had not converged: {last['moved_heads']:.1%} of head and "
+        f"{last['moved_neurons']:.1%} of neuron masks moved by more than {cfg.converged_eps:g} "
+        f"in the last epoch (converged: under {CONVERGED_SHARE:.0%} of both); their scores "
+        "mostly reflect the sign of the gradient, not a balance. Train longer "
+        "(learn_masks.epochs, or a larger learn_masks.max_images) or raise learn_masks.lr"
+    )
+
+
 def learn_masks(
     model: nn.Module,
     train_set: Dataset,
@@ -158,7 +340,11 @@ def learn_masks(
     ``train_set`` yields ``(float32 (3, H, W) pixels, int label)``. The model is frozen and in eval
     mode during the run; its ``requires_grad`` flags and train/eval mode are restored at the end,
     and its weights are not changed. With ``checkpoint_dir``, ``masks.pt`` is written atomically
-    after every epoch and a run whose checkpoint carries the same ``fingerprint`` resumes from it.
+    after every epoch (by rank 0 alone under torchrun) and a run whose checkpoint carries the same
+    ``fingerprint`` resumes from it.
+
+    Collective under torchrun: every rank calls it with the same arguments and gets the same masks
+    and history; ``cfg.batch_size`` is images per rank per step (module docstring).
     """
     from torch.utils.data import DataLoader
 
@@ -171,6 +357,7 @@ def learn_masks(
     start_time = time.monotonic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rank, world = distributed.rank(), distributed.world_size()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -182,132 +369,51 @@ def learn_masks(
         subset = epoch_subset(len(train_set), cfg.max_images, seed)  # type: ignore[arg-type]
         if len(subset) == 0:
             raise DataError("learn_masks: the train split is empty; give it images")
-        steps_per_epoch = math.ceil(len(subset) / cfg.batch_size)
+        steps_per_epoch = math.ceil(math.ceil(len(subset) / world) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
-        masks, optimizer, scheduler = _fresh_state(model, num_classes, cfg, total_steps)
-        history: list[dict[str, float]] = []
-        start_epoch = 0
         run_key = _run_key(cfg, fingerprint=fingerprint, seed=seed, num_classes=num_classes,
-                           images=len(train_set))  # type: ignore[arg-type]
+                           images=len(train_set), world_size=world)  # type: ignore[arg-type]
         checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
-        state = (
-            _load_checkpoint(checkpoint_path, fingerprint, run_key) if checkpoint_path else None
-        )
-        if state is not None:
-            try:
-                masks.load_state_dict(state["masks"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                history = list(state["history"])
-                start_epoch = int(state["epoch"])
-            except (KeyError, RuntimeError, ValueError, TypeError) as e:
-                log(f"  mask checkpoint {checkpoint_path} does not fit this model "
-                    f"({type(e).__name__}); starting at epoch 0")
-                masks, optimizer, scheduler = _fresh_state(model, num_classes, cfg, total_steps)
-                history, start_epoch = [], 0
-            else:
-                log(f"  resuming mask learning after epoch {start_epoch}/{cfg.epochs}")
-        masked_model = MaskedModel(model, masks)
+        run = _start(model, num_classes, cfg, total_steps, checkpoint_path, fingerprint, run_key)
+        _check_same_start(run.start_epoch, checkpoint_path)
+        # Backbone frozen before wrapping: DDP then syncs (and expects a gradient for) the masks
+        # only, and every table gets one each step (absent classes' rows as zeros).
+        ddp = distributed.wrap_ddp(MaskedModel(model, run.masks))
 
-        for epoch in range(start_epoch, cfg.epochs):
-            perm = torch.randperm(
-                len(subset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-            )
-            order = subset[perm.numpy()].tolist()
+        for epoch in range(run.start_epoch, cfg.epochs):
+            order = epoch_order(subset, seed=seed, epoch=epoch, rank=rank, world_size=world)
             loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=order,
                                 num_workers=workers)
-            before = [t.detach().clone() for t in masks.tables()]
-            sums = {"loss": 0.0, "ce": 0.0, "sparsity": 0.0, "smoothness": 0.0}
-            seen = 0
-            with progress(steps_per_epoch, f"learn masks epoch {epoch + 1}/{cfg.epochs}") as adv:
-                for pixels, labels in loader:
-                    x = torch.as_tensor(pixels).to(device, non_blocking=True)
-                    y = torch.as_tensor(labels).to(device, non_blocking=True)
-                    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-                        raise DataError(
-                            f"learn_masks: a label is outside 0..{num_classes - 1} (seen "
-                            f"{int(y.min())}..{int(y.max())}); the data and the model disagree"
-                        )
-                    logits = masked_model(x, y)
-                    ce = torch.nn.functional.cross_entropy(logits.float(), y)
-                    sparse = sparsity_loss(masks, cfg.sparsity)
-                    smooth = smoothness_loss(masks, cfg.smoothness)
-                    loss = ce + cfg.lambda_sparse * sparse + cfg.lambda_smooth * smooth
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    if cfg.project:
-                        with torch.no_grad():
-                            for t in masks.tables():
-                                t.clamp_(0.0, 1.0)
-                    b = int(y.numel())
-                    for key, value in (("loss", loss), ("ce", ce), ("sparsity", sparse),
-                                       ("smoothness", smooth)):
-                        sums[key] += float(value.detach()) * b
-                    seen += b
-                    adv(loss=sums["loss"] / seen, ce=sums["ce"] / seen)
-            after = masks.tables()
-            nh = masks.num_blocks
-            unit_scores = scores(masks)
-            record: dict[str, float] = {
-                "epoch": epoch + 1,
-                **{k: v / max(seen, 1) for k, v in sums.items()},
-                "moved_heads": _moved_share(before[:nh], after[:nh], cfg.converged_eps),
-                "moved_neurons": _moved_share(before[nh:], after[nh:], cfg.converged_eps),
-                "score_spread_heads": _spread(unit_scores.heads),
-                "score_spread_neurons": _spread(unit_scores.neurons),
-                "mask_abs_mean_heads": _abs_mean(masks.tables()[:nh]),
-                "mask_abs_mean_neurons": _abs_mean(masks.tables()[nh:]),
-                "lr": float(scheduler.get_last_lr()[0]),
-                "steps": (epoch + 1) * steps_per_epoch,
-            }
-            history.append(record)
-            log(
-                f"  masks epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
-                f"(ce {record['ce']:.4f}, sparsity {record['sparsity']:.4g}, smoothness "
-                f"{record['smoothness']:.4g}); moved heads {record['moved_heads']:.1%} neurons "
-                f"{record['moved_neurons']:.1%}; score std/mean heads "
-                f"{record['score_spread_heads']:.3f} neurons {record['score_spread_neurons']:.3f}"
-            )
-            if checkpoint_path is not None:
-                _save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "fingerprint": fingerprint,
-                        "run_key": run_key,
-                        "epoch": epoch + 1,
-                        "masks": masks.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "history": history,
-                    },
-                )
+            before = [t.detach().clone() for t in run.masks.tables()]
+            sums, seen = _train_epoch(ddp, run, loader, cfg, num_classes=num_classes,
+                                      device=device, steps=steps_per_epoch,
+                                      label=f"learn masks epoch {epoch + 1}/{cfg.epochs}")
+            record = _epoch_record(run, before, _global_means(sums, seen), epoch=epoch,
+                                   steps=steps_per_epoch, eps=cfg.converged_eps)
+            run.history.append(record)
+            _log_epoch(record, cfg.epochs)
+            if checkpoint_path is not None and rank == 0:
+                _save_checkpoint(checkpoint_path, run.checkpoint(fingerprint, run_key))
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
 
+    history = run.history
     last = history[-1] if history else {}
     converged = bool(history) and (
         last["moved_heads"] < CONVERGED_SHARE and last["moved_neurons"] < CONVERGED_SHARE
     )
     if not converged and history:
-        log(
-            f"  warning: the masks had not converged: {last['moved_heads']:.1%} of head and "
-            f"{last['moved_neurons']:.1%} of neuron masks moved by more than {cfg.converged_eps:g} "
-            f"in the last epoch (converged: under {CONVERGED_SHARE:.0%} of both); their scores "
-            "mostly reflect the sign of the gradient, not a balance. Train longer "
-            "(learn_masks.epochs, or a larger learn_masks.max_images) or raise learn_masks.lr"
-        )
+        _warn_unconverged(last, cfg)
     return MaskLearningResult(
-        masks=masks,
-        scores=scores(masks),
+        masks=run.masks,
+        scores=scores(run.masks),
         history=history,
         converged=converged,
         steps=total_steps,
         seconds=time.monotonic() - start_time,
-        resumed_from_epoch=start_epoch,
+        resumed_from_epoch=run.start_epoch,
     )
 
 

@@ -81,6 +81,9 @@ class TorchModel(Artifact):
     top1: float | None = Field(None, description="val top-1 in percent; None on synthetic data")
     top1_samples: int = 0
     epochs_trained: int = 0
+    training: dict[str, object] | None = Field(
+        None, description="how the last train/finetune ran: processes, batch, lr, augmentation"
+    )
 
     def files(self) -> list[str]:
         return [self.arch_file, self.weights_file]

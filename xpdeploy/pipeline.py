@@ -258,7 +258,7 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
     if ex.wants("report"):
         run_report = ex.step(
             "report", report.run, {"model": model, "parity": parity, "plan": plan,
-                                   "masks": masks}
+                                   "masks": masks, "pruned": pruned}
         )["report"]
     return parity, run_report
 

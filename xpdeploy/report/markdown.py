@@ -123,12 +123,29 @@ def _pruning_section(pruning: dict[str, Any] | None, synthetic: bool) -> list[st
                      f"{pruning['one_shot_top1']:.2f} %.")
     if pruning.get("masks_converged") is False:
         lines.append("**The masks had not converged** (see the mask-learning curve).")
+    lines += _finetune_line(pruning.get("finetune"))
     lines += ["", *_header(["block", "heads kept", "MLP width kept"], "rrr")]
     for i, (h, m) in enumerate(zip(pruning["heads"], pruning["mlp"], strict=True)):
         lines.append(_row([i, h, m]))
     lines.append("")
     lines += [f"![{p}]({p})" for p in pruning.get("plots", [])]
     return [*lines, ""]
+
+
+def _finetune_line(ft: dict[str, Any] | None) -> list[str]:
+    """One sentence on the recovery training: budget, distillation, processes, augmentation."""
+    if not ft:
+        return []
+    aug = ", ".join(f"{k} {v}" for k, v in (ft.get("augment") or {}).items()) or "none"
+    best = ft.get("best_top1")
+    return [
+        f"Fine-tuned {ft['epochs']} epochs x {ft['images_per_epoch']:.0f} images (distillation "
+        f"`{ft['distill']}`; global batch {ft['global_batch']} on {ft['processes']} process(es), "
+        f"peak lr {ft['peak_lr']:.3g}, amp {ft['amp']}, EMA {ft['ema_decay'] or 'off'}, "
+        f"augmentation: {aug}; output: {ft['keep']} weights"
+        + (f", best val top-1 {best:.2f} % at epoch {ft['best_epoch']}" if best is not None else "")
+        + ")."
+    ]
 
 
 def _latency_table(report: dict[str, Any]) -> list[str]:

@@ -10,8 +10,11 @@ from xpdeploy.runfolder import tool_versions
 from xpdeploy.stages.context import StageContext
 
 
-def _pruning(plan: PrunePlan, masks: MaskSet | None) -> dict[str, object]:
+def _pruning(plan: PrunePlan, masks: MaskSet | None, pruned: TorchModel | None
+             ) -> dict[str, object]:
+    finetune = pruned.training if pruned is not None and pruned.training else None
     return {
+        "finetune": finetune,
         "criterion": plan.criterion, "ranking": plan.ranking, "normalize": plan.normalize,
         "target_gmacs": plan.target_gmacs, "gmacs_before": plan.gmacs_before,
         "gmacs_after": plan.gmacs_after, "params_before_m": plan.params_before_m,
@@ -23,7 +26,8 @@ def _pruning(plan: PrunePlan, masks: MaskSet | None) -> dict[str, object]:
 
 
 def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None,
-        plan: PrunePlan | None = None, masks: MaskSet | None = None) -> dict[str, Artifact]:
+        plan: PrunePlan | None = None, masks: MaskSet | None = None,
+        pruned: TorchModel | None = None) -> dict[str, Artifact]:
     assert parity is not None  # PipelineSpec.check_runnable: 'report' needs 'verify'
     spec = ctx.spec
     status = "passed" if parity.passed else "failed"
@@ -38,7 +42,7 @@ def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
                         "val_top1": model.top1},
     )
     if plan is not None:
-        report["pruning"] = _pruning(plan, masks)
+        report["pruning"] = _pruning(plan, masks, pruned)
         if parity.synthetic:
             report["pruning"]["one_shot_top1"] = None
     json_path, md_path = ctx.run_dir / "report.json", ctx.run_dir / "report.md"

@@ -12,6 +12,7 @@ from xpdeploy.spec import FinetuneConfig, TrainConfig
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.distill import Distiller
 from xpdeploy.training.loop import effective_lr, train_model
+from xpdeploy.training.precision import autocast_dtype
 
 
 def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
@@ -51,13 +52,16 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
     if not distributed.is_main():
         return {}
     write_json_atomic(ctx.stage_dir / "history.json", result.history)
-    write_json_atomic(ctx.stage_dir / "recipe.json", {
+    recipe = {
+        "stage": ctx.stage,
+        "epochs": cfg.epochs,
+        "images_per_epoch": result.history[-1]["images"] if result.history else 0,
         "processes": distributed.world_size(),
         "batch_per_process": cfg.batch_size,
         "accumulate_steps": cfg.accumulate_steps,
         "global_batch": cfg.batch_size * cfg.accumulate_steps * distributed.world_size(),
         "peak_lr": effective_lr(cfg),
-        "amp": cfg.amp,
+        "amp": str(autocast_dtype(cfg.amp, distributed.device()) or "off").removeprefix("torch."),
         "device": str(distributed.device()),
         "augment": describe(cfg.augment),
         "ema_decay": cfg.ema_decay,
@@ -65,7 +69,9 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
         "best_epoch": result.best_epoch,
         "best_top1": result.best_top1,
         "distill": getattr(cfg, "distill", "none"),
-    })
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
+    write_json_atomic(ctx.stage_dir / "recipe.json", recipe)
     arch_path, weights_path = save_model(net, model.arch, ctx.stage_dir)
     return {
         "model": model.model_copy(
@@ -75,6 +81,7 @@ def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
                 "top1": result.final_top1,
                 "top1_samples": len(val_set) if result.final_top1 is not None else 0,
                 "epochs_trained": model.epochs_trained + result.epochs,
+                "training": recipe,
             }
         )
     }

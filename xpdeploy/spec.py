@@ -216,6 +216,9 @@ class LearnMasksConfig(Section):
     lambda_smooth: float = Field(1e-3, ge=0)
     project: bool = Field(False, description="clip masks to [0, 1] after every step")
     converged_eps: float = Field(1e-3, gt=0, description="a mask 'moved' if it changed by more")
+    amp: Literal["auto", "off", "bf16"] = Field(
+        "auto", description="backbone autocast: auto = bf16 on GPUs that have it; masks stay fp32"
+    )
     threads: int | None = Field(None, gt=0)
 
 
@@ -229,6 +232,9 @@ class ThresholdConfig(Section):
     sharpness_start: float = Field(10.0, gt=0, description="n in tanh(n (s - theta)), first step")
     sharpness_end: float = Field(100.0, gt=0, description="n at the last step (annealed)")
     backbone_lr: float | None = Field(None, gt=0, description="also adapt the backbone (small lr)")
+    amp: Literal["auto", "off", "bf16"] = Field(
+        "auto", description="backbone autocast: auto = bf16 on GPUs that have it; thresholds fp32"
+    )
 
 
 class PruneConfig(Section):

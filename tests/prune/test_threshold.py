@@ -144,3 +144,13 @@ def test_spent_iterator_and_impossible_targets_are_refused(setup) -> None:
         threshold_search(_model(), scores, macs, batches, cfg, 1.0 * macs.original, EXACT)
     with pytest.raises(PruneError, match="smallest model"):
         threshold_search(_model(), scores, macs, batches, cfg, 0.01 * macs.original, EXACT)
+
+
+def test_bf16_autocast_keeps_thresholds_and_expected_macs_fp32(setup) -> None:
+    macs, scores, _ = setup
+    result = _search(setup, cfg={"amp": "bf16"}, initial=_low_start(scores))
+    r = [h["R"] for h in result.history]
+    assert abs(result.alpha - r[-1]) < abs(result.alpha - r[0])  # the budget still pulls
+    assert all(np.isfinite(h["ce"]) for h in result.history)
+    target = 0.5 * macs.original
+    assert macs.macs(result.keep.head_counts, result.keep.mlp_widths) <= target

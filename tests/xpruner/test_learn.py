@@ -66,6 +66,14 @@ def test_loss_decreases_on_digits(digits) -> None:
     assert result.steps == 9 and [h["steps"] for h in result.history] == [3, 6, 9]
 
 
+def test_bf16_autocast_learns_fp32_masks(digits) -> None:
+    cfg = LearnMasksConfig(epochs=2, max_images=128, batch_size=64, lr=0.05, amp="bf16")
+    result = learn.learn_masks(_model(), digits, cfg, num_classes=NUM_CLASSES, seed=0)
+    assert all(t.dtype == torch.float32 for t in result.masks.tables())
+    assert result.history[-1]["ce"] < result.history[0]["ce"] + 0.05
+    assert np.isfinite(result.history[-1]["loss"])
+
+
 def test_projection_keeps_masks_in_unit_interval() -> None:
     cfg = LearnMasksConfig(epochs=2, batch_size=16, lr=0.5, project=True, lambda_sparse=0.1)
     result = learn.learn_masks(_model(), _noise(), cfg, num_classes=NUM_CLASSES, seed=0)

@@ -66,6 +66,7 @@ from xpdeploy.models.units import gated_units, unit_sites
 from xpdeploy.progress import progress
 from xpdeploy.prune.planner import PlanConstraints, repair_to_budget, smallest_macs
 from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.training.precision import autocast, autocast_dtype
 
 if TYPE_CHECKING:
     from xpdeploy.prune.macs import MacModel
@@ -300,6 +301,7 @@ def threshold_search(
                     if adapt else None)
     device = search.theta_h.device
 
+    amp = autocast_dtype("auto-bf16" if cfg.amp == "auto" else cfg.amp, device)
     beta = gamma = 0.0
     history: list[dict[str, float]] = []
     try:
@@ -313,11 +315,12 @@ def threshold_search(
                 x, y = next(data)
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 n = sharpness(step, cfg.steps, cfg.sharpness_start, cfg.sharpness_end)
-                logits, expected = ddp(x, n)
+                with autocast(amp, device):
+                    logits, expected = ddp(x, n)
                 removed = 1.0 - expected / original
                 gap = alpha - removed
                 budget = beta * gap**2 + gamma * gap
-                ce = F.cross_entropy(logits, y)
+                ce = F.cross_entropy(logits.float(), y)
                 loss = ce + budget.float()
                 optimizer.zero_grad(set_to_none=True)
                 if backbone_opt is not None:

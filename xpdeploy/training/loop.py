@@ -33,7 +33,7 @@ from xpdeploy.progress import log, progress
 from xpdeploy.training import checkpoint
 from xpdeploy.training.batches import rank_shard
 from xpdeploy.training.evaluate import evaluate_top1
-from xpdeploy.training.precision import autocast_dtype, grad_scaler
+from xpdeploy.training.precision import autocast, autocast_dtype, grad_scaler
 
 if TYPE_CHECKING:
     import torch
@@ -276,8 +276,7 @@ def train_model(
                     with contextlib.ExitStack() as stack:
                         if k < group - 1 and ddp is not model:  # sync gradients once per step
                             stack.enter_context(ddp.no_sync())  # type: ignore[operator]
-                        if amp is not None:
-                            stack.enter_context(torch.autocast(device.type, dtype=amp))
+                        stack.enter_context(autocast(amp, device))
                         logits = ddp(x)
                         loss = hard_ce(logits, y) if target is None else \
                             _soft_ce(logits, target)

@@ -46,6 +46,7 @@ from xpdeploy.fileio import sha256_json, write_with
 from xpdeploy.progress import log, progress
 from xpdeploy.training.batches import rank_shard
 from xpdeploy.training.loop import lr_factor
+from xpdeploy.training.precision import autocast, autocast_dtype
 from xpdeploy.xpruner.losses import smoothness_loss, sparsity_loss
 from xpdeploy.xpruner.masks import ClassMasks, MaskedModel, scores
 
@@ -253,6 +254,7 @@ def _train_epoch(ddp: nn.Module, run: _Run, loader: Any, cfg: LearnMasksConfig, 
     from the (identical) masks, so their averaged gradient is their own.
     """
     masks = run.masks
+    amp = autocast_dtype("auto-bf16" if cfg.amp == "auto" else cfg.amp, device)
     sums = {"loss": 0.0, "ce": 0.0, "sparsity": 0.0, "smoothness": 0.0}
     seen = 0
     with progress(steps, label) as adv:
@@ -260,7 +262,9 @@ def _train_epoch(ddp: nn.Module, run: _Run, loader: Any, cfg: LearnMasksConfig, 
             x = torch.as_tensor(pixels).to(device, non_blocking=True)
             y = torch.as_tensor(labels).to(device, non_blocking=True)
             _check_labels(y, num_classes)
-            ce = torch.nn.functional.cross_entropy(ddp(x, y).float(), y)
+            with autocast(amp, device):
+                logits = ddp(x, y)
+            ce = torch.nn.functional.cross_entropy(logits.float(), y)
             sparse = sparsity_loss(masks, cfg.sparsity)
             smooth = smoothness_loss(masks, cfg.smoothness)
             loss = ce + cfg.lambda_sparse * sparse + cfg.lambda_smooth * smooth

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,15 +114,21 @@ def _cli(pipe: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "xpdeploy", "run", str(pipe), "--run-dir", str(run_dir), *extra]
 
 
-def test_sigkill_during_training_resumes_with_the_same_result(tmp_path: Path) -> None:
+def _uninterrupted(tmp_path: Path, **train: Any) -> tuple[Path, dict[str, str], Path]:
+    """(pipeline, env, run folder) of the tiny pipeline with ``train`` settings, trained once
+    without interruption (the reference a killed and resumed run must reproduce)."""
     d = tiny_pipeline_dict()
-    d["train"]["epochs"] = 4
+    d["train"].update(train)
     pipe = write_pipeline(tmp_path / "p.yaml", d)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
     clean = tmp_path / "clean"
     subprocess.run(_cli(pipe, clean, "--until", "train"), check=True, env=env,
                    capture_output=True)
+    return pipe, env, clean
+
+
+def test_sigkill_during_training_resumes_with_the_same_result(tmp_path: Path) -> None:
+    pipe, env, clean = _uninterrupted(tmp_path, epochs=4)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(pipe, killed), env=env, stdout=subprocess.PIPE,
@@ -152,14 +159,8 @@ def test_sigkill_mid_epoch_resumes_from_the_step_checkpoint(tmp_path: Path) -> N
     run ends with the same weights as an uninterrupted one."""
     import torch
 
-    d = tiny_pipeline_dict()
-    d["train"].update({"epochs": 3, "batch_size": 16, "checkpoint_every_steps": 10,
-                       "threads": 1})
-    pipe = write_pipeline(tmp_path / "p.yaml", d)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    clean = tmp_path / "clean"
-    subprocess.run(_cli(pipe, clean, "--until", "train"), check=True, env=env,
-                   capture_output=True)
+    pipe, env, clean = _uninterrupted(tmp_path, epochs=3, batch_size=16,
+                                      checkpoint_every_steps=10, threads=1)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(pipe, killed, "--until", "train"), env=env,

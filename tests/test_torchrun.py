@@ -87,3 +87,16 @@ def test_train_and_finetune_on_two_processes(tmp_path: Path) -> None:
     top1 = evaluate_top1(net, val, batch_size=64)
     assert top1 == model.top1
     assert top1 > 30.0  # well above chance (10%) after 2 + 2 short epochs
+
+
+def test_a_bad_input_stops_every_rank_with_one_error_line(tmp_path: Path) -> None:
+    d = tiny_pipeline_dict()
+    d["data"] = {**d["data"], "source": "imagefolder", "root": str(tmp_path / "missing")}
+    pipe = write_pipeline(tmp_path / "p.yaml", d)
+    proc = _torchrun(pipe, tmp_path / "run", 2)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error: data.root" in line]
+    assert len(errors) == 1, proc.stderr  # rank 0 says it; rank 1 exits quietly
+    assert "does not exist" in errors[0]
+    assert "[rank 1]" not in proc.stderr
+    assert not (tmp_path / "run" / "01_load" / "manifest.json").exists()

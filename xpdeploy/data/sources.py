@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from xpdeploy.data.listing import IMAGE_EXTENSIONS, class_dirs, images_under, is_image
 from xpdeploy.data.preprocess import preprocess_image, to_rgb
 from xpdeploy.errors import DataError
 
@@ -31,17 +32,6 @@ if TYPE_CHECKING:
 Split = Literal["train", "val"]
 T = TypeVar("T")
 
-#: File name endings read as images (compared case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".webp",
-    ".gif",
-    ".tif",
-    ".tiff",
-)
 #: Above this many bytes of float32 pixels a digits/synthetic split preprocesses per item instead of
 #: caching (digits at 224 px would need 1 GiB).
 CACHE_LIMIT_BYTES = 256 * 2**20
@@ -161,25 +151,6 @@ class ArraySplit(SourceSplit):
 # Image folders
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    """Sorted names of the (non-hidden) sub-folders: the label order."""
-    with os.scandir(split_dir) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-
-
-def _images_under(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, links followed), sorted by relative path."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
 def _root(section: DataConfigSection) -> Path:
     if section.root is None:  # the spec already refuses this; kept for sections built in code
         raise DataError("data.source 'imagefolder' needs data.root; set it to the image folder")
@@ -213,7 +184,7 @@ def _check_same_classes(section: DataConfigSection, split: Split, classes: list[
     other_dir = _root(section) / (section.val_dir if other == "val" else section.train_dir)
     if not other_dir.is_dir():
         return
-    other_classes = _class_dirs(other_dir)
+    other_classes = class_dirs(other_dir)
     if other_classes == classes:
         return
     by_split = {split: set(classes), other: set(other_classes)}
@@ -237,7 +208,7 @@ def _open_imagefolder(
     section: DataConfigSection, data_config: DataConfig, split: Split, num_classes: int | None
 ) -> ImageFolderSplit:
     folder = _split_dir(section, split)
-    classes = _class_dirs(folder)
+    classes = class_dirs(folder)
     if classes:  # checked before listing the images, which takes seconds for ImageNet
         _check_same_classes(section, split, classes)
         _check_model_classes(classes, num_classes)
@@ -245,14 +216,14 @@ def _open_imagefolder(
     labels: list[int] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        found = _images_under(folder / name)
+        found = images_under(folder / name)
         if not found:
             empty.append(name)
         files.extend(found)
         labels.extend([label] * len(found))
     if not files:
         with os.scandir(folder) as it:
-            loose = sum(1 for e in it if e.is_file() and _is_image(e.name))
+            loose = sum(1 for e in it if e.is_file() and is_image(e.name))
         seen = f" (found {loose} images directly in it)" if loose else ""
         raise DataError(
             f"image folder {folder} has no class folders with images "

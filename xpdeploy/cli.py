@@ -6,62 +6,22 @@ on a machine without torch, onnxsim or TensorRT.
 
 from __future__ import annotations
 
-import sys
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 
 from xpdeploy import __version__
-from xpdeploy.distributed import env_rank, is_main
-from xpdeploy.errors import EXIT_ERROR, PeerStoppedError, XpdeployError
+from xpdeploy.calib_cli import calib
+from xpdeploy.cli_guard import guarded as _guarded
+from xpdeploy.distributed import is_main
+from xpdeploy.errors import XpdeployError
 from xpdeploy.progress import format_duration
+from xpdeploy.report.compare import compare
 
 if TYPE_CHECKING:
     from xpdeploy.spec import PipelineSpec
-
-T = TypeVar("T")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(message: str, code: int, debug: bool) -> NoReturn:
-    if debug:
-        traceback.print_exc()
-    rank = env_rank()
-    click.echo(f"{f'[rank {rank}] ' if rank else ''}error: {_one_line(message)}", err=True)
-    sys.exit(code)
-
-
-def _guarded(debug: bool, fn: Callable[[], T], on_error: Callable[[], None] | None = None) -> T:
-    """Run ``fn``; turn every failure into one stderr line and an exit code (no traceback)."""
-    try:
-        return fn()
-    except PeerStoppedError as e:  # rank 0 printed the reason
-        sys.exit(e.exit_code)
-    except XpdeployError as e:
-        if on_error:
-            on_error()
-        _fail(str(e), e.exit_code, debug)
-    except KeyboardInterrupt:
-        if on_error:
-            on_error()
-        _fail("interrupted; rerun the same command to resume where it stopped", 130, debug)
-    except Exception as e:  # a bug of ours: still one line, with the way to get the traceback
-        if on_error:
-            on_error()
-        _fail(
-            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and "
-            "please report it)",
-            EXIT_ERROR,
-            debug,
-        )
-
 
 set_option = click.option(
     "--set",
@@ -170,6 +130,10 @@ def show(run_dir: Path, debug: bool) -> None:
     from xpdeploy.summary import summarize_run
 
     click.echo(_guarded(debug, lambda: summarize_run(run_dir)))
+
+
+cli.add_command(calib)
+cli.add_command(compare)
 
 
 def main() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from xpdeploy.artifacts import Artifact, MaskSet, ParityReport, PrunePlan, RunReport, TorchModel
+from xpdeploy.report import environment
 from xpdeploy.report.markdown import write_markdown
 from xpdeploy.report.plots import plot_latency
 from xpdeploy.report.schema import build_report, write_report_json
-from xpdeploy.runfolder import tool_versions
 from xpdeploy.stages.context import StageContext
 
 
@@ -37,7 +37,7 @@ def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
         run_dir=str(ctx.run_dir),
         status=status,
         title=spec.report.title,
-        environment=tool_versions(),
+        environment=environment.capture(),  # tools, device, fingerprint
         original_extra={"epochs_trained": model.epochs_trained, "top1_samples": model.top1_samples,
                         "val_top1": model.top1},
     )

@@ -33,6 +33,8 @@ DEVICE_MODULES = (
     "xpdeploy.engine.calibrator",
     "xpdeploy.engine.builder",
     "xpdeploy.backends.ort_runner",
+    "xpdeploy.backends.trt_runner",
+    "xpdeploy.engine.cuda_memory",
 )
 
 _BLOCK = textwrap.dedent("""

@@ -35,6 +35,9 @@ DEVICE_MODULES = (
     "xpdeploy.backends.ort_runner",
     "xpdeploy.backends.trt_runner",
     "xpdeploy.engine.cuda_memory",
+    "xpdeploy.bundle",
+    "xpdeploy.bundle_cli",
+    "xpdeploy.verify.device",
 )
 
 _BLOCK = textwrap.dedent("""

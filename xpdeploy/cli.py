@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from xpdeploy import __version__
+from xpdeploy.bundle_cli import bundle
 from xpdeploy.calib_cli import calib
 from xpdeploy.cli_guard import guarded as _guarded
 from xpdeploy.distributed import is_main
@@ -132,6 +133,7 @@ def show(run_dir: Path, debug: bool) -> None:
     click.echo(_guarded(debug, lambda: summarize_run(run_dir)))
 
 
+cli.add_command(bundle)
 cli.add_command(calib)
 cli.add_command(compare)
 

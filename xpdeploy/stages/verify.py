@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
+
+import numpy as np
 
 from xpdeploy.artifacts import (
     Artifact,
@@ -24,11 +27,29 @@ from xpdeploy.artifacts import (
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.data.verify_set import load_verify_set
-from xpdeploy.fileio import write_json_atomic
+from xpdeploy.fileio import write_json_atomic, write_with
 from xpdeploy.stages.context import StageContext
 from xpdeploy.verify.candidates import Candidate, evaluate_candidate
 from xpdeploy.verify.compare import top1
 from xpdeploy.verify.outputs import infer_all
+
+#: Torch logits of every source model on the verify set, for the device bundle (xpdeploy.bundle).
+REFERENCE_LOGITS = "reference_logits.npz"
+
+
+def save_reference_logits(path: Path, logits: dict[str, np.ndarray]) -> None:
+    """Write ``label -> (samples, classes)`` float32 logits as an .npz, atomically.
+
+    Why: a torch-free device compares its ONNX/TensorRT outputs with these instead of rerunning
+    torch. Not an artifact file (ParityReport is unchanged); the bundle reads it by path.
+    """
+    arrays = {label: np.asarray(x, dtype=np.float32) for label, x in logits.items()}
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    write_with(path, writer)
 
 
 def run(
@@ -52,6 +73,7 @@ def run(
         logits = {label: infer_all(r, batch.pixels, ctx.spec.data.batch_size)
                   for label, r in torch_runners.items()}
         ref_top1 = None if batch.synthetic else top1(logits["original"], batch.labels)
+        save_reference_logits(ctx.stage_dir / REFERENCE_LOGITS, logits)
 
         def ort(onnx_model: OnnxModel) -> OrtRunner:
             return stack.enter_context(OrtRunner(ctx.path(onnx_model.file), threads=threads))

@@ -1,0 +1,181 @@
+"""Device bundles: packing a finished tiny run, safe extraction, digests, and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.conftest import tiny_pipeline_dict, write_pipeline
+from xpdeploy.bundle import (
+    BUNDLE_JSON,
+    CALIBRATION_NPZ,
+    REFERENCE_LOGITS,
+    BundleManifest,
+    load_reference_logits,
+    make_bundle,
+    open_bundle,
+    read_bundle,
+)
+from xpdeploy.bundle_cli import bundle as bundle_cmd
+from xpdeploy.data.calibration import load_npz, make_manifest
+from xpdeploy.errors import DataError, RunFolderError
+from xpdeploy.pipeline import run_pipeline
+from xpdeploy.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["load", "train", "prune", "export_onnx", "simplify", "verify", "report"]
+
+
+@dataclass(frozen=True)
+class BundledRun:
+    """A finished tiny run (original + pruned), its bundle tar and the calibration images."""
+
+    run_dir: Path
+    tar: Path
+    images: Path
+    manifest: BundleManifest
+    original_top1: float | None
+
+
+def _calibration_images(root: Path) -> Path:
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.full((16, 16, 3), 30 * i + (c == "b") * 100, dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundled_run(tmp_path_factory: pytest.TempPathFactory) -> BundledRun:
+    """Run the tiny pipeline with pruning and an int8 calibration set once, and bundle it."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    images = _calibration_images(tmp / "images")
+    make_manifest(images, 4, 0, tmp / "calib.txt")
+    spec_dict = tiny_pipeline_dict(
+        stages=STAGES,
+        prune={"criterion": "magnitude", "target_ratio": 0.6},
+        build_engine={"precision": "int8", "calibration": str(tmp / "calib.txt")},
+    )
+    run_dir = tmp / "run"
+    result = run_pipeline(load_spec(write_pipeline(tmp / "p.yaml", spec_dict)), run_dir)
+    manifest = make_bundle(run_dir, tmp / "run.tar")
+    assert result.report is not None
+    return BundledRun(run_dir, tmp / "run.tar", images, manifest,
+                      manifest.reference_top1["original"])
+
+
+def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
+                                                       tmp_path: Path) -> None:
+    opened = open_bundle(bundled_run.tar, tmp_path / "x")
+    assert opened.root == tmp_path / "x"
+    expected = {"pipeline.yaml", "01_load/verify.npz", "06_export_onnx/original.onnx",
+                "06_export_onnx/pruned.onnx", "07_simplify/original.sim.onnx",
+                "07_simplify/pruned.sim.onnx", REFERENCE_LOGITS, CALIBRATION_NPZ}
+    assert set(opened.member_paths()) == expected
+    assert (tmp_path / "x" / BUNDLE_JSON).is_file()
+    src = (bundled_run.run_dir / "01_load" / "verify.npz").read_bytes()
+    assert opened.path("01_load/verify.npz").read_bytes() == src
+    logits = load_reference_logits(opened)
+    assert set(logits) == {"original", "pruned"}
+    assert all(x.shape == (64, 10) and x.dtype == np.float32 for x in logits.values())
+    parity = json.loads((bundled_run.run_dir / "09_verify" / "parity.json").read_text())
+    assert opened.reference_top1["original"] == parity["original_top1"] is not None
+    assert "pruned" in opened.reference_top1
+    assert set(opened.models) == {"original", "pruned"}
+    assert opened.calibration is not None and opened.calibration.samples == 4
+    calib = load_npz(opened.path(CALIBRATION_NPZ))
+    assert calib.pixels.shape == (4, 3, 16, 16)
+
+
+def _rewrite_tar(src: Path, dst: Path, *, change: str | None = None,
+                 extra: tarfile.TarInfo | None = None, data: bytes = b"") -> None:
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin.getmembers():
+            payload = tin.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name == change:
+                payload = payload[:-1] + bytes([payload[-1] ^ 1])
+            info.size = len(payload)
+            tout.addfile(info, io.BytesIO(payload))
+        if extra is not None:
+            tout.addfile(extra, io.BytesIO(data) if extra.isfile() else None)
+
+
+def test_a_modified_member_is_named(bundled_run: BundledRun, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    _rewrite_tar(bundled_run.tar, bad, change="06_export_onnx/pruned.onnx")
+    with pytest.raises(DataError, match=r"06_export_onnx/pruned\.onnx was modified"):
+        open_bundle(bad, tmp_path / "x")
+    opened = open_bundle(bundled_run.tar, tmp_path / "y")
+    (tmp_path / "y" / "01_load" / "verify.npz").write_bytes(b"not the verify set")
+    with pytest.raises(DataError, match=r"01_load/verify\.npz was modified") as e:
+        read_bundle(opened.root)  # type: ignore[arg-type]
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "unlisted"])
+def test_unsafe_members_are_refused(bundled_run: BundledRun, tmp_path: Path, kind: str) -> None:
+    info = tarfile.TarInfo({"dotdot": "../evil.txt", "absolute": "/tmp/xpdeploy-evil.txt",
+                            "symlink": "evil-link", "unlisted": "evil.txt"}[kind])
+    if kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    else:
+        info.size = 4
+    bad = tmp_path / "bad.tar"
+    _rewrite_tar(bundled_run.tar, bad, extra=info, data=b"evil")
+    why = {"dotdot": "'..' path", "absolute": "absolute path", "symlink": "a link",
+           "unlisted": "does not list"}[kind]
+    with pytest.raises(DataError, match=why):
+        open_bundle(bad, tmp_path / "dest" / "x")
+    assert not (tmp_path / "dest" / "evil.txt").exists()
+    if kind != "unlisted":
+        assert not (tmp_path / "dest" / "x").exists()  # refused before anything was written
+
+
+def test_unfinished_run_is_refused_with_the_command_to_finish(bundled_run: BundledRun,
+                                                              tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(bundled_run.run_dir, run_dir)
+    (run_dir / "09_verify" / "manifest.json").unlink()
+    with pytest.raises(RunFolderError, match="no finished 'verify' stage") as e:
+        make_bundle(run_dir, tmp_path / "x.tar")
+    assert "xpdeploy run" in str(e.value) and "--until verify" in str(e.value)
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_unreadable_calibration_images_and_bad_names(bundled_run: BundledRun,
+                                                     tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"calibration images of .* are not readable"):
+        make_bundle(bundled_run.run_dir, tmp_path / "x.tar", calibration_root=tmp_path / "empty")
+    with pytest.raises(DataError, match=r"must end with \.tar"):
+        make_bundle(bundled_run.run_dir, tmp_path / "x.zip")
+    assert not list(tmp_path.glob("*.tar*"))
+
+
+def test_gz_bundle_opens_too(bundled_run: BundledRun, tmp_path: Path) -> None:
+    manifest = make_bundle(bundled_run.run_dir, tmp_path / "x.tgz",
+                           calibration_root=bundled_run.images)
+    opened = open_bundle(tmp_path / "x.tgz", tmp_path / "x")
+    assert opened.member_paths() == manifest.member_paths()
+
+
+def test_cli_prints_summary_and_continuation(bundled_run: BundledRun, tmp_path: Path) -> None:
+    out = tmp_path / "dev.tar"
+    result = CliRunner().invoke(bundle_cmd, [str(bundled_run.run_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "8 members" in result.output and out.is_file()
+    assert "xpdeploy run dev.tar --stages build_engine,verify,report" in result.output
+    missing = CliRunner().invoke(bundle_cmd, [str(tmp_path / "nope"), "-o", str(out)])
+    assert missing.exit_code == 1
+    assert missing.output.count("\n") == 1 and "error:" in missing.output

@@ -1,0 +1,48 @@
+"""Command line: ``xpdeploy bundle RUN_DIR -o OUT.tar`` packs a run for a torch-free device.
+
+Errors follow :mod:`xpdeploy.cli_guard`: one stderr line, exit code 1, no traceback. Registered on
+the main group with ``cli.add_command(bundle)``; imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from xpdeploy.cli_guard import guarded
+
+_MIB = 1024 * 1024
+#: Image the device side runs in (docker/jetson). ``xpdeploy run X.tar`` is not wired yet: it
+#: lands with the device-side stages; until then the command is printed as the next step to take.
+DEVICE_IMAGE = "xpdeploy-jetson:r36"
+DEVICE_STAGES = "build_engine,verify,report"
+
+
+def continuation(out: Path) -> str:
+    """The command that continues the run on the device, from the folder holding the bundle."""
+    return (
+        f"docker run --runtime nvidia -v $PWD:/work {DEVICE_IMAGE} xpdeploy run "
+        f"{out.name} --stages {DEVICE_STAGES}"
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Bundle file: .tar (recommended, ONNX hardly compresses), .tar.gz or .tgz.")
+@click.option("--calibration-root", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder the calibration manifest's paths are relative to (default: the "
+                   "source recorded in the manifest).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bundle(run_dir: Path, out: Path, calibration_root: Path | None, debug: bool) -> None:
+    """Pack RUN_DIR (export, simplify and verify finished) for a torch-free device."""
+    from xpdeploy.bundle import make_bundle
+
+    manifest = guarded(debug, lambda: make_bundle(run_dir, out, calibration_root=calibration_root))
+    total = sum(m.size for m in manifest.members)
+    click.echo(f"bundle {out}: {len(manifest.members)} members, {total / _MIB:.1f} MiB")
+    for m in manifest.members:
+        click.echo(f"  {m.path}  {m.size / _MIB:.2f} MiB")
+    click.echo("continue on the device with:")
+    click.echo(f"  {continuation(out)}")

@@ -1,0 +1,111 @@
+"""Verification on a torch-free device, from a bundle (:mod:`xpdeploy.bundle`).
+
+The host's verify stage runs torch; a device cannot. Instead every ONNX file of the bundle runs in
+onnxruntime on the bundle's fixed verify pixels and is compared with the torch logits the host
+recorded for its source model (``original.*`` with the original's, ``pruned.*`` with the pruned
+model's), through the same :func:`~xpdeploy.verify.candidates.evaluate_candidate` as the host, so
+the numbers, gates and the resulting :class:`~xpdeploy.artifacts.ParityReport` mean the same thing
+(and :func:`xpdeploy.report.schema.build_report` reads it unchanged).
+
+Baselines for latency (interleaved, ratio of medians): an ONNX file of the pruned model is timed
+against the original's file of the same kind, as on the host; the original's exported file
+(``original.onnx``) against itself (no torch to time here; speedup about 1), and its simplified file
+against ``original.onnx``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from xpdeploy.artifacts import CandidateResult, OnnxModel, ParityReport
+from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.bundle import BundleManifest, load_reference_logits, read_bundle
+from xpdeploy.data.verify_set import load_verify_set
+from xpdeploy.spec import VerifyConfig, load_spec
+from xpdeploy.verify.candidates import Candidate, evaluate_candidate
+from xpdeploy.verify.compare import top1
+
+#: Where a device-side verify writes its report, relative to the bundle root (as on the host).
+PARITY_FILE = "09_verify/parity.json"
+REFERENCE_RUNNER = "torch-fp32 (host reference logits)"
+
+
+def _verify_config(
+    cfg: VerifyConfig,
+    batch_sizes: Sequence[int] | None,
+    warmup: int | None,
+    iters: int | None,
+) -> VerifyConfig:
+    """The pipeline's verify section with the given overrides, validated again."""
+    data = cfg.model_dump()
+    for key, value in (("batch_sizes", batch_sizes), ("warmup", warmup), ("iters", iters)):
+        if value is not None:
+            data[key] = list(value) if key == "batch_sizes" else value
+    return VerifyConfig.model_validate(data)
+
+
+def _onnx_plan(bundle: BundleManifest) -> list[tuple[OnnxModel, OnnxModel]]:
+    """(candidate, baseline) pairs, exported files first, then simplified ones."""
+    exported = bundle.onnx.get("export_onnx")
+    first = exported.models.get("original") if exported else None
+    plan = []
+    for group in bundle.onnx.values():
+        base = group.models.get("original")
+        for label, model in group.models.items():
+            baseline = base if label != "original" and base is not None else first or model
+            plan.append((model, baseline))
+    return plan
+
+
+def verify_bundle(
+    bundle: str | Path | BundleManifest,
+    *,
+    threads: int | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int | None = None,
+    iters: int | None = None,
+) -> ParityReport:
+    """Verify every ONNX file of an extracted bundle in onnxruntime, without torch.
+
+    ``bundle``: the folder :func:`~xpdeploy.bundle.open_bundle` extracted into (digests are
+    checked again) or its manifest. Gates, warm-up and iterations come from the pipeline's verify
+    section; ``batch_sizes`` (images), ``warmup`` and ``iters`` (calls per runner) override it.
+    ``threads``: CPU threads per session (default: the pipeline's, else every CPU this process may
+    use). The report is returned, not written; its ``file`` is :data:`PARITY_FILE`.
+    """
+    manifest = bundle if isinstance(bundle, BundleManifest) else read_bundle(bundle)
+    spec = load_spec(manifest.path("pipeline.yaml"))
+    cfg = _verify_config(spec.verify, batch_sizes, warmup, iters)
+    threads = threads or cfg.threads or len(os.sched_getaffinity(0))
+    batch = load_verify_set(manifest.path(manifest.verify_set.file))
+    reference = load_reference_logits(manifest)
+    ref_top1 = None if batch.synthetic else top1(reference["original"], batch.labels)
+    results: list[CandidateResult] = []
+    with contextlib.ExitStack() as stack:
+        runners: dict[str, OrtRunner] = {}
+
+        def ort(model: OnnxModel) -> OrtRunner:
+            if model.file not in runners:
+                runner = OrtRunner(manifest.path(model.file), threads=threads,
+                                   input_name=model.input_name)
+                runners[model.file] = stack.enter_context(runner)
+            return runners[model.file]
+
+        for model, base in _onnx_plan(manifest):
+            fixed = None if model.dynamic_batch else spec.export_onnx.trace_batch
+            c = Candidate(Path(model.file).name, ort(model), model.file,
+                          manifest.models[model.label], Path(base.file).name, ort(base), fixed)
+            results.append(evaluate_candidate(
+                c, batch, reference["original"], reference[model.label], ref_top1, cfg=cfg,
+                eval_batch_size=spec.data.batch_size, threads=threads))
+    original = manifest.models["original"]
+    return ParityReport(
+        file=PARITY_FILE, original_name=original.label, original_runner=REFERENCE_RUNNER,
+        original_top1=ref_top1, original_gmacs=original.gmacs,
+        original_params_m=original.params_m, samples=len(batch), data_source=batch.source,
+        synthetic=batch.synthetic, threads=threads, candidates=results,
+        passed=all(r.passed for r in results),
+    )

@@ -134,3 +134,49 @@ def test_stage_dependencies_are_checked(tmp_path: Path) -> None:
     spec = _load(tmp_path, tiny_pipeline_dict(stages=["load", "export_onnx", "report"]))
     with pytest.raises(ConfigError, match="stage 'report' needs 'verify'"):
         spec.check_runnable()
+
+
+def test_build_engine_defaults_and_new_fields(tmp_path: Path) -> None:
+    spec = _load(tmp_path, tiny_pipeline_dict(build_engine={}))
+    be = spec.build_engine
+    assert be is not None
+    assert be.profiles is None and be.timing_cache is None and be.engine_cache is None
+    assert be.layernorm_fp32 == "auto" and be.layernorm_override() is None
+    assert be.calibration_batch_size == 8 and be.batch_sizes == [1]
+    spec = _load(tmp_path, tiny_pipeline_dict(build_engine={
+        "profiles": [[1, 8, 32], [4, 4, 4]], "layernorm_fp32": "on",
+        "timing_cache": "~/trt/timing.cache", "engine_cache": "/cache/engines",
+        "calibration_batch_size": 16,
+    }))
+    be = spec.build_engine
+    assert be is not None
+    assert be.profiles == [(1, 8, 32), (4, 4, 4)]
+    assert be.layernorm_override() is True
+    assert be.timing_cache == Path("~/trt/timing.cache").expanduser()
+    assert be.engine_cache == Path("/cache/engines") and be.calibration_batch_size == 16
+    assert "profiles:" in dump_spec(spec)  # the resolved pipeline keeps them
+
+
+@pytest.mark.parametrize("profile", [[8, 1, 32], [1, 32, 8], [0, 1, 1], [-1, 1, 2]])
+def test_build_engine_profile_order_is_checked(tmp_path: Path, profile: list[int]) -> None:
+    d = tiny_pipeline_dict(build_engine={"profiles": [[1, 1, 1], profile]})
+    with pytest.raises(ConfigError) as exc:
+        _load(tmp_path, d)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(tmp_path / "p.yaml") in msg
+    assert "build_engine.profiles: profile " in msg and "0 < min <= opt <= max" in msg
+
+
+def test_build_engine_profile_shape_and_other_fields(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"build_engine\.profiles: profile \[1, 8\] needs three"):
+        _load(tmp_path, tiny_pipeline_dict(build_engine={"profiles": [[1, 8]]}))
+    with pytest.raises(ConfigError, match=r"build_engine\.profiles: profiles must hold"):
+        _load(tmp_path, tiny_pipeline_dict(build_engine={"profiles": []}))
+    with pytest.raises(ConfigError, match=r"build_engine\.layernorm_fp32: 'of' is not one of "
+                                          r".*did you mean 'off'"):
+        _load(tmp_path, tiny_pipeline_dict(build_engine={"layernorm_fp32": "of"}))
+    with pytest.raises(ConfigError, match=r"build_engine\.calibration_batch_size: "):
+        _load(tmp_path, tiny_pipeline_dict(build_engine={"calibration_batch_size": 0}))
+    with pytest.raises(ConfigError, match="unknown key 'calibration_count' in section "
+                                          "'build_engine'"):
+        _load(tmp_path, tiny_pipeline_dict(build_engine={"calibration_count": 100}))

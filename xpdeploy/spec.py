@@ -338,15 +338,86 @@ class ReportConfig(Section):
 
 
 class BuildEngineConfig(Section):
-    """TensorRT target settings; the ``build_engine`` stage that honours them is not in 0.1."""
+    """TensorRT target settings, read by :func:`xpdeploy.engine.settings.plan_builds`.
+
+    Engines: one static engine per entry of ``batch_sizes`` (min = opt = max), or, when
+    ``profiles`` is set, one engine per (min, opt, max) batch range, which then replaces
+    ``batch_sizes``. The ``build_engine`` stage that runs them is not in 0.1.
+    """
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp16"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1])
-    workspace_mb: int = Field(1024, gt=0)
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1],
+        description="one static engine per batch size (images); ignored when profiles is set",
+    )
+    profiles: list[tuple[int, int, int]] | None = Field(
+        None,
+        description="dynamic batch ranges [min, opt, max] (images), one engine each; replaces "
+        "batch_sizes when set",
+    )
+    workspace_mb: int = Field(1024, gt=0, description="builder workspace pool limit, MiB")
     calibration: Path | None = Field(None, description="calibration set manifest for int8")
     calibrator: Literal["minmax", "entropy2"] = "minmax"
+    calibration_batch_size: int = Field(
+        8, gt=0, description="images per int8 calibration batch (a last partial batch is dropped)"
+    )
+    layernorm_fp32: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="pin LayerNorm layers to fp32: auto = where the TensorRT version needs it",
+    )
+    timing_cache: Path | None = Field(
+        None,
+        description="TensorRT timing cache file, read before and written after each build; "
+        "default: a per-device file in the run folder",
+    )
+    engine_cache: Path | None = Field(
+        None,
+        description="folder of built engines reused when ONNX digest, TensorRT version, device, "
+        "precision, profiles and calibration digest all match; null: no reuse across runs",
+    )
     device: str | None = Field(None, description="e.g. 'orin-nano' (informational)")
     required: bool = Field(False, description="error (not a bundle) when TensorRT is absent")
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _three_per_profile(cls, v: Any) -> Any:
+        # Before the tuple check, whose wording ("profiles.0.2: required key is missing") hides
+        # what a profile is.
+        if isinstance(v, list | tuple):
+            for p in v:
+                if isinstance(p, list | tuple) and len(p) != 3:
+                    raise ValueError(
+                        f"profile {list(p)} needs three batch sizes [min, opt, max] (images)"
+                    )
+        return v
+
+    @field_validator("profiles")
+    @classmethod
+    def _ordered_profiles(
+        cls, v: list[tuple[int, int, int]] | None
+    ) -> list[tuple[int, int, int]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("profiles must hold at least one [min, opt, max]; or use null")
+        for lo, mid, hi in v:
+            if not 0 < lo <= mid <= hi:
+                raise ValueError(
+                    f"profile [{lo}, {mid}, {hi}] needs 0 < min <= opt <= max (batch, images)"
+                )
+        return v
+
+    @field_validator("timing_cache", "engine_cache")
+    @classmethod
+    def _expand_home(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else v
+
+    def layernorm_override(self) -> bool | None:
+        """``layernorm_fp32`` as :func:`~xpdeploy.engine.settings.plan_builds` takes it.
+
+        None (auto: follow the TensorRT version rule), True (on) or False (off).
+        """
+        return {"auto": None, "on": True, "off": False}[self.layernorm_fp32]
 
 
 class PipelineSpec(Section):

@@ -97,3 +97,128 @@ def test_write_markdown(tmp_path: Path) -> None:
     write_markdown(target, r)
     assert target.read_text(encoding="utf-8") == render_markdown(r)
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def jetson_environment() -> dict[str, Any]:
+    """A captured Jetson environment (capture()'s keys) in its 15 W mode with unlocked clocks."""
+    from xpdeploy.report.environment import (
+        MAX_PERFORMANCE_HINT,
+        device_fingerprint,
+        fingerprint_id,
+    )
+
+    env: dict[str, Any] = {
+        "host": {"platform": "Linux-5.15-tegra-aarch64", "machine": "aarch64",
+                 "cpu_model": "NVIDIA Jetson Orin Nano Developer Kit", "logical_cores": 6},
+        "tools": {"python": "3.10.12", "xpdeploy": "0.1.0", "onnxruntime": "1.18.0"},
+        "gpus": [{"name": "Orin (nvgpu)", "driver": "540.4.0", "sm_clock_mhz": 612.0,
+                  "max_sm_clock_mhz": 1020.0, "temperature_c": 48.5}],
+        "libraries": {"cuda": "12.6", "cudnn": "9.3.0", "tensorrt": "10.3.0",
+                      "cuda-python": None, "pycuda": None, "onnxruntime-gpu": None},
+        "jetson": {"l4t": "36.4.0", "board": "NVIDIA Jetson Orin Nano Developer Kit",
+                   "nvpmodel": {"mode": "15W", "id": 1},
+                   "jetson_clocks": {"gpu_min_max": [306000000, 1020000000], "cpus_online": 6,
+                                     "locked": False},
+                   "max_performance": False, "nvpmodel_raw": "NV Power Mode: 15W\n1\n",
+                   "jetson_clocks_raw": None},
+        "temperatures_c": {"cpu-thermal": 47.0},
+        "warnings": [MAX_PERFORMANCE_HINT],
+    }
+    env["fingerprint"] = device_fingerprint(env)
+    env["fingerprint_id"] = fingerprint_id(env)
+    return env
+
+
+def cpu_environment() -> dict[str, Any]:
+    """A captured environment of a plain CPU machine: no GPU, no TensorRT, not a Jetson."""
+    from xpdeploy.report.environment import device_fingerprint, fingerprint_id
+
+    env: dict[str, Any] = {
+        "host": {"platform": "Linux-6.8-x86_64", "machine": "x86_64",
+                 "cpu_model": "AMD EPYC 7763 64-Core Processor", "logical_cores": 4},
+        "tools": {"python": "3.11.9", "xpdeploy": "0.1.0", "onnxruntime": "1.19.2",
+                  "torch": "2.4.1"},
+        "gpus": None,
+        "libraries": {"cuda": None, "cudnn": None, "tensorrt": None, "cuda-python": None,
+                      "pycuda": None, "onnxruntime-gpu": None},
+        "jetson": None,
+        "temperatures_c": {},
+        "warnings": [],
+    }
+    env["fingerprint"] = device_fingerprint(env)
+    env["fingerprint_id"] = fingerprint_id(env)
+    return env
+
+
+def environment_section(md: str) -> list[str]:
+    lines = md.splitlines()
+    start = lines.index("## Environment")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def test_environment_section_of_a_jetson_not_in_max_performance_mode() -> None:
+    env = jetson_environment()
+    md = render_markdown(report(environment=env))
+    section = environment_section(md)
+    assert section[2:7] == [
+        f"- Device fingerprint `{env['fingerprint_id']}`",
+        "- CPU: NVIDIA Jetson Orin Nano Developer Kit, 6 logical cores",
+        "- GPU: Orin (nvgpu), driver 540.4.0",
+        "- Libraries: TensorRT 10.3.0, CUDA 12.6, onnxruntime 1.18.0",
+        "- Jetson: L4T 36.4.0, NVIDIA Jetson Orin Nano Developer Kit, power mode 15W (id 1), "
+        "clocks not locked; max-performance mode: **no**",
+    ]
+    assert ("**Warning: the board is not in its max-performance mode: run sudo nvpmodel -m 0 && "
+            "sudo jetson_clocks.**") in section
+    assert md.index("## Latency") < md.index("## Environment")  # after the numbers it qualifies
+
+
+def test_environment_section_of_a_jetson_in_maxn_and_unknown_verdict() -> None:
+    env = jetson_environment()
+    env["jetson"].update(nvpmodel={"mode": "MAXN", "id": 0}, max_performance=True,
+                         jetson_clocks={"locked": True})
+    env["warnings"] = []
+    section = environment_section(render_markdown(report(environment=env)))
+    assert any(line.endswith("power mode MAXN (id 0), clocks locked; max-performance mode: yes")
+               for line in section)
+    assert not any("Warning" in line for line in section)
+    env["jetson"].update(nvpmodel=None, jetson_clocks=None, max_performance=None)
+    section = environment_section(render_markdown(report(environment=env)))
+    assert "- Jetson: L4T 36.4.0, NVIDIA Jetson Orin Nano Developer Kit; max-performance mode: " \
+           "unknown" in section
+
+
+def test_environment_section_of_a_plain_cpu_machine() -> None:
+    env = cpu_environment()
+    section = environment_section(render_markdown(report(environment=env)))
+    assert section == [
+        "## Environment",
+        "",
+        f"- Device fingerprint `{env['fingerprint_id']}`",
+        "- CPU: AMD EPYC 7763 64-Core Processor, 4 logical cores",
+        "- Libraries: onnxruntime 1.19.2",
+    ]
+
+
+def test_environment_of_older_reports_still_renders() -> None:
+    legacy = {"python": "3.11.9", "onnxruntime": "1.18.0", "tensorrt": None}
+    md = render_markdown(report(environment=legacy))
+    assert environment_section(md) == [
+        "## Environment",
+        "",
+        "Recorded before device capture (no device fingerprint); tools: python 3.11.9, "
+        "onnxruntime 1.18.0.",
+    ]
+    assert "## Environment" not in render_markdown(report(environment={}))
+    partial = {"host": {}, "warnings": ["clocks unknown."]}  # keys missing: still renders
+    section = environment_section(render_markdown(report(environment=partial)))
+    assert "- Device fingerprint `unknown`" in section and "- CPU: unknown CPU" in section
+    assert "**Warning: clocks unknown.**" in section
+
+
+def test_environment_after_no_candidates() -> None:
+    r = report(environment=cpu_environment())
+    r["candidates"] = []
+    md = render_markdown(r)
+    assert "No candidates were verified." in md and "## Environment" in md

@@ -3,6 +3,10 @@
 It is rendered from the report dict (:mod:`xpdeploy.report.schema`), never from live objects, so
 the page and ``report.json`` cannot disagree. Units: top-1 in percent, deltas in percentage points,
 latency in ms per batch (3 significant digits), throughput in images/s.
+
+The page ends with the environment the numbers were measured in (device fingerprint, CPU, GPU,
+TensorRT/CUDA, Jetson power state) and its warnings in bold; a report written before environment
+capture (a flat dict of tool versions) lists those versions instead.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 from typing import Any
 
 from xpdeploy.fileio import write_text_atomic
+from xpdeploy.report.environment import is_legacy
 
 NA = "n/a"
 NA_SYNTHETIC = "n/a (synthetic)"
@@ -174,8 +179,75 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())
+
+
+def _versions(pairs: list[tuple[str, object]]) -> str:
+    """E.g. "TensorRT 10.3.0, CUDA 12.6": the pairs whose version is known ("" when none is)."""
+    return ", ".join(f"{label} {_one_line(v)}" for label, v in pairs if v not in (None, ""))
+
+
+def _jetson_line(jetson: dict[str, Any]) -> str:
+    """L4T release, board, power mode and the max-performance verdict of a Jetson."""
+    parts = [f"L4T {_one_line(jetson.get('l4t') or 'unknown')}"]
+    if jetson.get("board"):
+        parts.append(_one_line(jetson["board"]))
+    nvp = jetson.get("nvpmodel") or {}
+    mode, ident = nvp.get("mode"), nvp.get("id")
+    if mode is not None or ident is not None:
+        parts.append(f"power mode {mode or '?'}" + (f" (id {ident})" if ident is not None else ""))
+    locked = (jetson.get("jetson_clocks") or {}).get("locked")
+    if locked is not None:
+        parts.append("clocks locked" if locked else "clocks not locked")
+    verdict = {True: "yes", False: "**no**"}.get(jetson.get("max_performance"), "unknown")
+    return "Jetson: " + ", ".join(parts) + f"; max-performance mode: {verdict}"
+
+
+def _environment_section(env: dict[str, Any] | None) -> list[str]:
+    """Where the numbers were measured, with every warning in bold (empty for no environment).
+
+    Every key is optional, as report.json files from other versions may lack some.
+    """
+    if not env:
+        return []
+    lines = ["## Environment", ""]
+    if is_legacy(env):
+        versions = _versions([(str(k), v) for k, v in env.items()])
+        lines.append("Recorded before device capture (no device fingerprint)"
+                     + (f"; tools: {versions}." if versions else "."))
+        return [*lines, ""]
+    host = env.get("host") or {}
+    tools = env.get("tools") or {}
+    libs = env.get("libraries") or {}
+    items = [f"Device fingerprint `{env.get('fingerprint_id') or 'unknown'}`"]
+    cpu = _one_line(host.get("cpu_model") or "unknown CPU")
+    cores = host.get("logical_cores")
+    items.append(f"CPU: {cpu}" + (f", {cores} logical cores" if cores else ""))
+    for gpu in env.get("gpus") or []:
+        driver = gpu.get("driver")
+        items.append(f"GPU: {_one_line(gpu.get('name') or 'unknown')}"
+                     + (f", driver {_one_line(driver)}" if driver else ""))
+    versions = _versions([
+        ("TensorRT", libs.get("tensorrt") or tools.get("tensorrt")),
+        ("CUDA", libs.get("cuda")),
+        ("onnxruntime", tools.get("onnxruntime") or libs.get("onnxruntime-gpu")),
+    ])
+    if versions:
+        items.append(f"Libraries: {versions}")
+    if env.get("jetson"):
+        items.append(_jetson_line(env["jetson"]))
+    lines += [f"- {item}" for item in items]
+    warnings = [w for w in env.get("warnings") or [] if w]
+    if warnings:
+        lines.append("")
+        lines += [f"**Warning: {_one_line(w).rstrip('.')}.**" for w in warnings]
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown page (title with PASSED/FAILED, data, parity, latency, gates)."""
+    """The report as a Markdown page (title with PASSED/FAILED, data, parity, latency, gates,
+    environment)."""
     data, orig = report["data"], report["original"]
     synthetic = bool(data["synthetic"])
     verdict = "PASSED" if report["status"] == "passed" else "FAILED"
@@ -204,6 +276,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     if not report["candidates"]:
         lines += ["No candidates were verified.", ""]
+        lines += _environment_section(report.get("environment"))
         return "\n".join(lines)
 
     lines += _pruning_section(report.get("pruning"), synthetic)
@@ -234,6 +307,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Skipped gates:", ""]
         lines += [f"- `{name}` {g['name']}: {g['detail']}" for name, g in skipped]
     lines.append("")
+    lines += _environment_section(report.get("environment"))
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ DEVICE_MODULES = (
     "xpdeploy.backends.ort_runner",
     "xpdeploy.backends.trt_runner",
     "xpdeploy.engine.cuda_memory",
+    "xpdeploy.engine.host_precision",
     "xpdeploy.bundle",
     "xpdeploy.bundle_cli",
     "xpdeploy.verify.device",

@@ -39,6 +39,7 @@ DEVICE_MODULES = (
     "xpdeploy.bundle",
     "xpdeploy.bundle_cli",
     "xpdeploy.verify.device",
+    "xpdeploy.device_run",
 )
 
 _BLOCK = textwrap.dedent("""

@@ -17,7 +17,7 @@ from xpdeploy.bundle_cli import bundle
 from xpdeploy.calib_cli import calib
 from xpdeploy.cli_guard import guarded as _guarded
 from xpdeploy.distributed import is_main
-from xpdeploy.errors import XpdeployError
+from xpdeploy.errors import ConfigError, XpdeployError
 from xpdeploy.progress import format_duration
 from xpdeploy.report.compare import compare
 
@@ -51,10 +51,25 @@ def cli() -> None:
               help="Rerun from STAGE; earlier stages must have finished in the run folder.")
 @click.option("--until", metavar="STAGE", help="Stop after STAGE.")
 @click.option("--force", is_flag=True, help="Rerun every selected stage even if unchanged.")
+@click.option("--stages", "device_stages", metavar="LIST",
+              help="Bundles only: device stages to run, e.g. verify,report (the default).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_stage: str | None,
-        until: str | None, force: bool, debug: bool) -> None:
-    """Run PIPELINE (a YAML file); finished stages whose inputs are unchanged are reused."""
+        until: str | None, force: bool, device_stages: str | None, debug: bool) -> None:
+    """Run PIPELINE (a YAML file); finished stages whose inputs are unchanged are reused.
+
+    PIPELINE may also be a device bundle (X.tar from `xpdeploy bundle`): its ONNX files are then
+    verified here, without torch, against the host's reference logits (--stages verify,report).
+    """
+    from xpdeploy.device_run import is_bundle
+
+    if is_bundle(pipeline):
+        host_options = bool(overrides or from_stage or until or force)
+        _run_bundle(pipeline, run_dir, device_stages, host_options, debug)
+        return
+    if device_stages:
+        _guarded(debug, lambda: _refuse("--stages is for bundles; a pipeline's stages come from "
+                                        "its 'stages:' list (or --from / --until)"))
     from xpdeploy.spec import load_spec
 
     t0 = time.monotonic()
@@ -87,6 +102,32 @@ def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_s
             click.echo(
                 f"PASSED | {spec.name} | {format_duration(result.duration_s)} | {where}{extra}"
             )
+
+    _guarded(debug, go, on_error=failed_line)
+
+
+def _refuse(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _run_bundle(tar: Path, run_dir: Path | None, stages: str | None, host_options: bool,
+                debug: bool) -> None:
+    """``run X.tar``: the device side of a pipeline (xpdeploy.device_run), torch-free."""
+    from xpdeploy.device_run import parse_stages, run_bundle
+
+    t0 = time.monotonic()
+    name = tar.name.split(".")[0]
+
+    def go() -> None:
+        if host_options:
+            raise ConfigError("--set/--from/--until/--force apply to pipeline files, not to "
+                              "bundles; pass --stages and --run-dir only")
+        result = run_bundle(tar, run_dir, parse_stages(stages))
+        click.echo(f"PASSED | {result.pipeline} (device) | {format_duration(result.duration_s)} "
+                   f"| {result.report_md or result.run_dir}")
+
+    def failed_line() -> None:
+        click.echo(f"FAILED | {name} (device) | {format_duration(time.monotonic() - t0)} | {tar}")
 
     _guarded(debug, go, on_error=failed_line)
 

@@ -1,0 +1,145 @@
+"""``xpdeploy run BUNDLE.tar --stages verify,report``: continue a pipeline on the device.
+
+The host writes a bundle (``xpdeploy bundle``): ONNX files, the fixed verification set, the torch
+reference logits, calibration batches. On the device, without torch, this module extracts it
+(digests checked), verifies every ONNX file in onnxruntime against the reference logits, and writes
+the report, so a device run ends like a host run: ``parity.json``, ``report.json``, ``report.md``.
+
+``build_engine`` is not part of this yet: the TensorRT adapter (:mod:`xpdeploy.engine`) and
+:class:`~xpdeploy.backends.trt_runner.TrtRunner` exist but are not wired into a stage, so asking
+for it is refused with what to do instead (never a silent skip).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xpdeploy.bundle import BundleManifest, open_bundle
+from xpdeploy.errors import ConfigError, MissingDependencyError, ParityError
+from xpdeploy.fileio import write_json_atomic
+from xpdeploy.progress import format_duration, log
+
+#: Stages a bundle can continue with, in order.
+DEVICE_STAGES: tuple[str, ...] = ("build_engine", "verify", "report")
+#: File name endings ``run`` treats as a bundle instead of a pipeline file.
+BUNDLE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+
+
+def is_bundle(path: Path) -> bool:
+    return path.name.endswith(BUNDLE_SUFFIXES)
+
+
+@dataclass
+class DeviceResult:
+    """How a device run ended (``passed`` is False only when a gate failed)."""
+
+    pipeline: str
+    run_dir: Path
+    passed: bool
+    duration_s: float
+    ran: list[str] = field(default_factory=list)
+    report_md: Path | None = None
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """``"verify,report"`` -> ["verify", "report"] in pipeline order; unknown names are errors."""
+    if not text:
+        return ["verify", "report"]
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in DEVICE_STAGES]
+    if unknown or not stages:
+        raise ConfigError(
+            f"--stages {text!r}: a bundle continues with {', '.join(DEVICE_STAGES)} only "
+            f"(unknown: {', '.join(unknown) or 'none given'})"
+        )
+    if "report" in stages and "verify" not in stages:
+        raise ConfigError("--stages: 'report' needs 'verify'; use --stages verify,report")
+    return sorted(set(stages), key=DEVICE_STAGES.index)
+
+
+def _refuse_build_engine() -> None:
+    from xpdeploy.engine.versions import TRT_INSTALL_HINT, detect
+
+    if detect() is None:
+        raise MissingDependencyError(
+            f"build_engine needs TensorRT, which is not installed here; {TRT_INSTALL_HINT}"
+        )
+    raise ConfigError(
+        "build_engine on a bundle is not available in this version (the TensorRT adapter is not "
+        "wired into a stage yet); run --stages verify,report, or build with trtexec from the "
+        "bundle's ONNX files"
+    )
+
+
+def run_bundle(tar: Path, run_dir: Path | None, stages: list[str]) -> DeviceResult:
+    """Extract ``tar`` into ``run_dir/bundle`` and run ``stages`` on it; see the module doc."""
+    t0 = time.monotonic()
+    if "build_engine" in stages:
+        _refuse_build_engine()
+    name = tar.name.split(".")[0]
+    root = run_dir or Path("runs") / f"{name}-device"
+    manifest = open_bundle(tar, root / "bundle")
+    log(f"[bundle] {tar}: {len(manifest.members)} files, digests checked, pipeline "
+        f"'{manifest.pipeline}'")
+    result = DeviceResult(manifest.pipeline, root, passed=True, duration_s=0.0)
+    parity = _verify(manifest, root)
+    result.ran.append("verify")
+    if "report" in stages:
+        result.report_md = _report(manifest, parity, root)
+        result.ran.append("report")
+    result.duration_s = time.monotonic() - t0
+    if not parity.passed:
+        failed = [c.name for c in parity.candidates if not c.passed]
+        raise ParityError(f"{len(failed)} of {len(parity.candidates)} candidates failed their "
+                          f"gates on the device ({', '.join(failed)}); see "
+                          f"{result.report_md or root / parity.file}")
+    return result
+
+
+def _verify(manifest: BundleManifest, root: Path):
+    from xpdeploy.verify.device import verify_bundle
+
+    log("[verify] running (onnxruntime on the device, against the bundle's torch logits)")
+    t0 = time.monotonic()
+    parity = verify_bundle(manifest)
+    for c in parity.candidates:
+        acc = f"{c.top1:.2f}%" if c.top1 is not None else "n/a"
+        own = (f", max |diff| vs its torch model {c.source_max_abs_diff:.2e}"
+               if c.source_max_abs_diff is not None else "")
+        log(f"  {c.name}: top-1 {acc}{own}: {'passed' if c.passed else 'FAILED'}")
+    write_json_atomic(root / parity.file, parity.model_dump(mode="json", exclude={"file"}))
+    log(f"[verify] done in {format_duration(time.monotonic() - t0)}")
+    return parity
+
+
+def _report(manifest: BundleManifest, parity, root: Path) -> Path:
+    from xpdeploy.report.environment import capture
+    from xpdeploy.report.markdown import write_markdown
+    from xpdeploy.report.schema import build_report, write_report_json
+    from xpdeploy.spec import load_spec
+
+    spec = load_spec(manifest.path("pipeline.yaml"))
+    original = manifest.models["original"]
+    report = build_report(
+        parity, pipeline=manifest.pipeline, run_dir=str(root),
+        status="passed" if parity.passed else "failed",
+        title=(spec.report.title or f"xpdeploy report: {manifest.pipeline}") + " (device)",
+        environment=capture(),
+        original_extra={"epochs_trained": original.epochs_trained,
+                        "top1_samples": original.top1_samples, "val_top1": original.top1,
+                        "bundle": {"source_run": manifest.source_run,
+                                   "created": manifest.created}},
+    )
+    write_report_json(root / "report.json", report)
+    write_markdown(root / "report.md", report)
+    if spec.report.plots:
+        try:  # matplotlib is not in the device image: the table in report.md says it all
+            from xpdeploy.report.plots import plot_latency
+
+            plot_latency(report, root / "latency.png")
+        except ImportError:
+            log("  (no latency.png: matplotlib is not installed on this device)")
+    log(f"[report] {root / 'report.md'}")
+    return root / "report.md"

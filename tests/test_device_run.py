@@ -72,3 +72,30 @@ def test_stage_lists() -> None:
     assert parse_stages("report, verify") == ["verify", "report"]
     with pytest.raises(ConfigError, match="'report' needs 'verify'"):
         parse_stages("report")
+
+
+def test_a_pipeline_without_tensorrt_ends_with_the_bundle_and_the_command(tmp_path: Path) -> None:
+    from tests.conftest import tiny_pipeline_dict, write_pipeline
+
+    d = tiny_pipeline_dict(build_engine={"precision": "fp16", "batch_sizes": [1]})
+    d["stages"] = ["load", "train", "export_onnx", "build_engine", "verify", "report"]
+    pipe = write_pipeline(tmp_path / "p.yaml", d)
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "xpdeploy", "run", str(pipe), "--run-dir",
+                          str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "engines for 1 ONNX files are deferred to the device" in out.stdout
+    assert f"xpdeploy run {run_dir / 'bundle.tar'} --stages verify,report" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("PASSED | tiny |")
+    assert (run_dir / "bundle.tar").is_file()
+    device = CliRunner().invoke(cli, ["run", str(run_dir / "bundle.tar"), "--run-dir",
+                                      str(tmp_path / "device")])
+    assert device.exit_code == 0, device.output
+    assert "PASSED | tiny (device)" in device.output
+
+    required = subprocess.run(
+        [sys.executable, "-m", "xpdeploy", "run", str(pipe), "--run-dir", str(run_dir),
+         "--set", "build_engine.required=true"], capture_output=True, text=True, timeout=300)
+    assert required.returncode == 1
+    assert required.stderr.strip().startswith(
+        "error: build_engine.required is true but TensorRT is not installed")

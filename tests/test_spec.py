@@ -115,9 +115,13 @@ def test_imagefolder_needs_root(tmp_path: Path) -> None:
         _load(tmp_path, d)
 
 
-def test_unavailable_stage_is_refused_at_run_time(tmp_path: Path) -> None:
+def test_build_engine_needs_its_section_and_an_export(tmp_path: Path) -> None:
     spec = _load(tmp_path, tiny_pipeline_dict(stages=["load", "build_engine"]))
-    with pytest.raises(ConfigError, match="stage 'build_engine' is not available"):
+    with pytest.raises(ConfigError, match="has no 'build_engine:' section"):
+        spec.check_runnable()
+    spec = _load(tmp_path, tiny_pipeline_dict(stages=["load", "build_engine"],
+                                              build_engine={"precision": "fp16"}))
+    with pytest.raises(ConfigError, match="stage 'build_engine' needs 'export_onnx'"):
         spec.check_runnable()
 
 

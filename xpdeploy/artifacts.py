@@ -229,6 +229,10 @@ class ParityReport(Artifact):
     """Outcome of ``verify``: its truth value is the overall verdict."""
 
     file: str
+    reference_file: str = Field(
+        description="npz of the torch logits per source model (label -> (samples, classes)), "
+        "what the device side compares against"
+    )
     original_name: str
     original_runner: str
     original_top1: float | None
@@ -242,7 +246,7 @@ class ParityReport(Artifact):
     passed: bool
 
     def files(self) -> list[str]:
-        return [self.file]
+        return [self.file, self.reference_file]
 
     def __bool__(self) -> bool:
         return self.passed
@@ -258,3 +262,13 @@ class RunReport(Artifact):
 
     def files(self) -> list[str]:
         return [self.json_file, self.markdown_file, *self.plots]
+
+
+class EngineSet(Artifact):
+    """What ``build_engine`` produced. ``deferred``: no engine was built on this machine (no
+    TensorRT here); the run then ends with a device bundle that continues on the target."""
+
+    deferred: bool
+    reason: str = Field(description="why the engines were deferred, for the log and the report")
+    tensorrt: str | None = Field(None, description="TensorRT version found here, if any")
+    precision: str

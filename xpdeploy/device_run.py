@@ -103,12 +103,7 @@ def _verify(manifest: BundleManifest, root: Path):
 
     log("[verify] running (onnxruntime on the device, against the bundle's torch logits)")
     t0 = time.monotonic()
-    parity = verify_bundle(manifest)
-    for c in parity.candidates:
-        acc = f"{c.top1:.2f}%" if c.top1 is not None else "n/a"
-        own = (f", max |diff| vs its torch model {c.source_max_abs_diff:.2e}"
-               if c.source_max_abs_diff is not None else "")
-        log(f"  {c.name}: top-1 {acc}{own}: {'passed' if c.passed else 'FAILED'}")
+    parity = verify_bundle(manifest)  # logs one line per candidate
     write_json_atomic(root / parity.file, parity.model_dump(mode="json", exclude={"file"}))
     log(f"[verify] done in {format_duration(time.monotonic() - t0)}")
     return parity

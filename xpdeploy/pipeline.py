@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from xpdeploy import distributed
-from xpdeploy.artifacts import Artifact, ParityReport, RunReport
+from xpdeploy.artifacts import Artifact, EngineSet, ParityReport, RunReport
 from xpdeploy.errors import (
     EXIT_ERROR,
     ConfigError,
@@ -47,6 +47,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "finetune": ("seed", "data", "finetune"),
     "export_onnx": ("export_onnx",),
     "simplify": ("simplify",),
+    "build_engine": ("build_engine",),
     "verify": ("verify",),
     "report": ("name", "report"),
 }
@@ -93,6 +94,7 @@ class PipelineResult:
     skipped: list[str] = field(default_factory=list)
     report: RunReport | None = None
     parity: ParityReport | None = None
+    bundle: Path | None = None
 
 
 class _UntilReached(Exception):
@@ -131,6 +133,8 @@ class StageExecutor:
         self.skipped: list[str] = []
         #: True while every rank is inside a collective stage (no announcement can reach them).
         self.in_collective = False
+        #: build_engine's output, when the pipeline has that stage.
+        self.engines: EngineSet | None = None
         self._digests: dict[int, tuple[Artifact, str]] = {}
 
     def digest(self, artifact: Artifact) -> str:
@@ -249,6 +253,11 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
         simplified = ex.step(
             "simplify", simplify.run, {"onnx": exported, "verify_set": verify_set}
         )["onnx"]
+    if ex.wants("build_engine"):
+        from xpdeploy.stages import build_engine
+
+        ex.engines = ex.step("build_engine", build_engine.run,
+                             {"onnx": exported, "simplified": simplified})["engines"]
     if ex.wants("verify"):
         parity = ex.step(
             "verify",
@@ -291,6 +300,7 @@ def run_pipeline(
             _check_ranks_see(folder.root)
             with contextlib.suppress(_UntilReached):
                 parity, run_report = _flow(ex)
+            bundle = write_device_bundle(ex, folder.root)
     except Exception as e:  # (Ctrl-C reaches every rank from torchrun itself)
         if distributed.current() is not None and not ex.in_collective:
             code = e.exit_code if isinstance(e, XpdeployError) else EXIT_ERROR
@@ -306,6 +316,7 @@ def run_pipeline(
         skipped=ex.skipped,
         report=run_report,
         parity=parity,
+        bundle=bundle,
     )
     if not result.passed:
         assert parity is not None
@@ -319,6 +330,38 @@ def run_pipeline(
             f"see {where}"
         )
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-off to the device
+
+#: The bundle a run writes when build_engine deferred, relative to the run folder.
+DEVICE_BUNDLE = "bundle.tar"
+
+
+def write_device_bundle(ex: StageExecutor, root: Path) -> Path | None:
+    """When build_engine deferred, pack the device bundle and print the command that continues.
+
+    It needs the verify stage's reference logits, so a run stopped before verify (``--until``)
+    only says what is missing.
+    """
+    if ex.engines is None or not ex.engines.deferred:
+        return None
+    if not (ex.wants("verify") and (ex.folder.stage_dir("verify") / "manifest.json").is_file()):
+        log("[bundle] not written: the device bundle needs the verify stage; run without --until")
+        return None
+    from xpdeploy.bundle import make_bundle
+
+    out = root / DEVICE_BUNDLE
+    manifest = make_bundle(root, out)
+    mib = sum(m.size for m in manifest.members) / 2**20
+    log(f"[bundle] {out}: {len(manifest.members)} files, {mib:.1f} MiB ({ex.engines.reason})")
+    log("  continue on the device (Jetson image, see docker/README.md):")
+    log(f"    docker run --rm --runtime nvidia -v \"$PWD\":/work xpdeploy-jetson:r36 "
+        f"xpdeploy run {out} --stages verify,report")
+    log("  (verify + report in onnxruntime against these torch logits; building TensorRT engines "
+        "from a bundle is not wired in this version)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

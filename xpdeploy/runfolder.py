@@ -34,6 +34,7 @@ import yaml
 from xpdeploy import __version__
 from xpdeploy.artifacts import (
     Artifact,
+    EngineSet,
     MaskSet,
     OnnxModels,
     ParityReport,
@@ -52,7 +53,8 @@ RESOLVED_PIPELINE = "pipeline.yaml"
 KEEP_ON_RERUN = ("checkpoints",)  # resumable state survives a rerun of an unfinished stage
 ARTIFACT_TYPES: dict[str, type[Artifact]] = {
     cls.__name__: cls
-    for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport, MaskSet, PrunePlan)
+    for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport, MaskSet, PrunePlan,
+                EngineSet)
 }
 Digest = Callable[[Artifact], str]
 _TOOLS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt", "numpy")

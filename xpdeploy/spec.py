@@ -31,15 +31,10 @@ STAGE_ORDER: tuple[str, ...] = (
     "verify",
     "report",
 )
-#: Stages this version can run; the others are accepted in files but refused by ``run``.
-AVAILABLE_STAGES: tuple[str, ...] = (
-    "load", "train", "learn_masks", "prune", "finetune", "export_onnx", "simplify", "verify",
-    "report",
-)
-
 #: Stages that consume another stage's output.
 STAGE_NEEDS: dict[str, str] = {
     "simplify": "export_onnx", "report": "verify", "finetune": "prune",
+    "build_engine": "export_onnx",
 }
 
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
@@ -466,15 +461,9 @@ class PipelineSpec(Section):
         return default
 
     def check_runnable(self) -> None:
-        """Refuse stages this version cannot run, and a ``train`` stage without its section."""
-        for s in self.stage_list():
-            if s not in AVAILABLE_STAGES:
-                raise ConfigError(
-                    f"stage '{s}' is not available in this xpdeploy version (available: "
-                    f"{', '.join(AVAILABLE_STAGES)}); remove it from 'stages'"
-                )
+        """Refuse a stage without its section, or without the stage whose output it needs."""
         stages = self.stage_list()
-        for stage in ("train", "prune", "finetune"):
+        for stage in ("train", "prune", "finetune", "build_engine"):
             if stage in stages and getattr(self, stage) is None:
                 raise ConfigError(
                     f"stage '{stage}' is listed but the pipeline has no '{stage}:' section"

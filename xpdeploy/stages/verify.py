@@ -102,7 +102,8 @@ def run(
         original_name = original.name
     path = ctx.stage_dir / "parity.json"
     report = ParityReport(
-        file=ctx.rel(path), original_name=model.label, original_runner=original_name,
+        file=ctx.rel(path), reference_file=ctx.rel(ctx.stage_dir / REFERENCE_LOGITS),
+        original_name=model.label, original_runner=original_name,
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
         threads=threads, candidates=results, passed=all(r.passed for r in results),

@@ -23,6 +23,7 @@ DEVICE_MODULES = (
     "xpdeploy.calib_cli",
     "xpdeploy.data.calibration",
     "xpdeploy.data.preprocess",
+    "xpdeploy.data.npz",
     "xpdeploy.report.compare",
     "xpdeploy.report.environment",
     "xpdeploy.report.markdown",

@@ -42,7 +42,6 @@ import hashlib
 import os
 import re
 import warnings
-import zipfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,8 +52,9 @@ import numpy as np
 from PIL import Image
 
 from xpdeploy.data.listing import IMAGE_EXTENSIONS, images_under, is_image
+from xpdeploy.data.npz import read_npz, write_npz
 from xpdeploy.data.preprocess import preprocess_image
-from xpdeploy.data.verify_set import _write_npz, select_indices
+from xpdeploy.data.verify_set import select_indices
 from xpdeploy.errors import DataError
 from xpdeploy.fileio import sha256_file, write_text_atomic, write_with
 
@@ -567,35 +567,17 @@ def save_npz(path: str | Path, pixels: np.ndarray, manifest: CalibrationManifest
 
     def writer(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            _write_npz(fh, arrays)
+            write_npz(fh, arrays)
 
     write_with(path, writer)
 
 
 def load_npz(path: str | Path, manifest: CalibrationManifest | None = None) -> CalibrationBatch:
     """Read :func:`save_npz` output; with ``manifest``, refuse batches made from another one."""
-    path = Path(path)
     fix = "write it again from its manifest (load_array + save_npz)"
-    if not path.is_file():
-        raise DataError(f"calibration batches {path} do not exist; {fix}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _NPZ_KEYS if k not in z.files]
-            if missing:
-                raise DataError(
-                    f"calibration batches {path} lack {', '.join(missing)} (has: "
-                    f"{', '.join(z.files) or 'nothing'}); {fix}"
-                )
-            batch = CalibrationBatch(
-                np.ascontiguousarray(z["pixels"], dtype=np.float32),
-                [str(f) for f in z["files"]],
-                str(z["manifest_sha256"]),
-            )
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        reason = str(e).replace("\n", " ") or type(e).__name__
-        raise DataError(f"calibration batches {path} are unreadable ({reason}); {fix}") from None
+    z = read_npz(path, _NPZ_KEYS, what="calibration batches", fix=fix)
+    batch = CalibrationBatch(np.ascontiguousarray(z["pixels"], dtype=np.float32),
+                             [str(f) for f in z["files"]], str(z["manifest_sha256"]))
     if batch.pixels.ndim != 4 or len(batch.files) != len(batch.pixels):
         raise DataError(
             f"calibration batches {path} hold pixels {batch.pixels.shape} for "

@@ -10,18 +10,17 @@ numpy only: this module runs on torch-free device machines.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from xpdeploy.data.npz import read_npz, write_npz
 from xpdeploy.errors import DataError
 from xpdeploy.fileio import write_with
 
 _KEYS = ("pixels", "labels", "source", "synthetic", "class_names")
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 
 
 @dataclass(frozen=True)
@@ -62,15 +61,6 @@ def select_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(order[:n]).astype(np.int64)
 
 
-def _write_npz(fh: object, arrays: dict[str, np.ndarray]) -> None:
-    """Uncompressed .npz with fixed entry timestamps (``np.savez`` stamps the current time)."""
-    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
-        for key, array in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
-            with zf.open(info, "w", force_zip64=True) as out:
-                np.lib.format.write_array(out, array, allow_pickle=False)
-
-
 def save_verify_set(
     path: str | Path,
     pixels: np.ndarray,
@@ -100,35 +90,20 @@ def save_verify_set(
 
     def writer(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            _write_npz(fh, arrays)
+            write_npz(fh, arrays)
 
     write_with(path, writer)
 
 
 def load_verify_set(path: str | Path) -> VerifyBatch:
     """Read a verification set written by :func:`save_verify_set`."""
-    path = Path(path)
     fix = "rerun the 'load' stage with --force to write it again"
-    if not path.is_file():
-        raise DataError(f"verification set {path} does not exist; {fix}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _KEYS if k not in z.files]
-            if missing:
-                raise DataError(
-                    f"verification set {path} lacks {', '.join(missing)} (has: "
-                    f"{', '.join(z.files) or 'nothing'}); {fix}"
-                )
-            pixels = np.ascontiguousarray(z["pixels"], dtype=np.float32)
-            labels = z["labels"].astype(np.int64)
-            source = str(z["source"])
-            synthetic = bool(z["synthetic"])
-            class_names = [str(c) for c in z["class_names"]]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        reason = str(e).replace("\n", " ") or type(e).__name__
-        raise DataError(f"verification set {path} is unreadable ({reason}); {fix}") from None
+    z = read_npz(path, _KEYS, what="verification set", fix=fix)
+    pixels = np.ascontiguousarray(z["pixels"], dtype=np.float32)
+    labels = z["labels"].astype(np.int64)
+    source = str(z["source"])
+    synthetic = bool(z["synthetic"])
+    class_names = [str(c) for c in z["class_names"]]
     if pixels.ndim != 4 or labels.shape != (len(pixels),):
         raise DataError(
             f"verification set {path} has pixels {pixels.shape} and labels {labels.shape}, "

@@ -172,6 +172,10 @@ def test_environment_section_of_a_jetson_not_in_max_performance_mode() -> None:
     assert ("**Warning: the board is not in its max-performance mode: run sudo nvpmodel -m 0 && "
             "sudo jetson_clocks.**") in section
     assert md.index("## Latency") < md.index("## Environment")  # after the numbers it qualifies
+    # ...and the warning once more above every latency figure, where it cannot be missed
+    head = md[: md.index("## Parity")]
+    assert "**Measured on a device that was not set up for benchmarking: the board is not in its " \
+        "max-performance mode" in head
 
 
 def test_environment_section_of_a_jetson_in_maxn_and_unknown_verdict() -> None:

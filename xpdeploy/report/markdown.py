@@ -261,6 +261,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if synthetic:
         data_line += f" **Warning: {data['note'] or 'synthetic data'}.**"
     lines += [data_line, ""]
+    env = report.get("environment")
+    env_warnings = [w for w in (env.get("warnings") or [] if isinstance(env, dict) else []) if w]
+    if env_warnings:  # before any latency figure: they say whether those figures can be trusted
+        joined = "; ".join(_one_line(w).rstrip(".") for w in env_warnings)
+        lines += [f"**Measured on a device that was not set up for benchmarking: {joined}** "
+                  "(see Environment).", ""]
     lines.append(
         f"Original: `{orig['name']}` ({orig['runner']}): top-1 {fmt_top1(orig['top1'], synthetic)}"
         f"{'' if synthetic or orig['top1'] is None else ' %'}, {orig['gmacs']:.3g} GMACs, "

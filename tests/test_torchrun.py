@@ -7,6 +7,7 @@ and evaluates like any other run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -35,12 +36,35 @@ def _pipeline(tmp_path: Path) -> Path:
     return write_pipeline(tmp_path / "p.yaml", d)
 
 
-def _torchrun(pipe: Path, run_dir: Path, nproc: int) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "xpdeploy", "run", str(pipe), "--run-dir",
-           str(run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun_cmd(pipe: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "xpdeploy", "run", str(pipe), "--run-dir",
+            str(run_dir), *extra]
+
+
+def _torchrun(pipe: Path, run_dir: Path, nproc: int,
+              *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_torchrun_cmd(pipe, run_dir, nproc, *extra), env=_ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _kill_processes_mentioning(marker: str) -> None:
+    """SIGKILL every process whose command line contains ``marker`` (Linux /proc)."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and int(entry.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _files(run_dir: Path) -> set[str]:
@@ -100,3 +124,49 @@ def test_a_bad_input_stops_every_rank_with_one_error_line(tmp_path: Path) -> Non
     assert "does not exist" in errors[0]
     assert "[rank 1]" not in proc.stderr
     assert not (tmp_path / "run" / "01_load" / "manifest.json").exists()
+
+
+def test_a_killed_distributed_run_resumes_with_the_same_weights(tmp_path: Path) -> None:
+    """SIGKILL to torchrun and both workers mid-epoch; the same command resumes from the step
+    checkpoint (every rank's RNG state and partial metrics) and ends with the weights of an
+    uninterrupted 2-process run."""
+    import time
+
+    import torch
+
+    from xpdeploy.fileio import sha256_file
+
+    d = tiny_pipeline_dict()
+    d["train"].update({"epochs": 3, "batch_size": 16, "checkpoint_every_steps": 10,
+                       "threads": 1})
+    pipe = write_pipeline(tmp_path / "p.yaml", d)
+    clean = _torchrun(pipe, tmp_path / "clean", 2, "--until", "train")
+    assert clean.returncode == 0, clean.stdout[-2000:] + clean.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    cmd = _torchrun_cmd(pipe, killed, 2, "--until", "train")
+    proc = subprocess.Popen(cmd, env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoint = killed / "02_train" / "checkpoints" / "last.pt"
+    position = (0, 0)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            position = (state["epoch"], state["step_in_epoch"])
+            if position[1] > 0:
+                # torchrun starts its workers in sessions of their own: kill every process of
+                # this run (as a scheduler preempting the job would), not only torchrun's group.
+                _kill_processes_mentioning(str(killed))
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert position[1] > 0, "the run ended before a mid-epoch checkpoint was seen"
+    assert len(state["rng"]) == 2  # both ranks' RNG states
+
+    rerun = _torchrun(pipe, killed, 2, "--until", "train")
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "resuming from step" in rerun.stdout, (position, rerun.stdout)
+    assert not (killed / "02_train" / "manifest.json").exists() or "[train] running" in rerun.stdout
+    assert sha256_file(killed / "02_train" / "model.safetensors") == sha256_file(
+        tmp_path / "clean" / "02_train" / "model.safetensors")

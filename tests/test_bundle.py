@@ -18,7 +18,6 @@ from tests.conftest import tiny_pipeline_dict, write_pipeline
 from xpdeploy.bundle import (
     BUNDLE_JSON,
     CALIBRATION_NPZ,
-    REFERENCE_LOGITS,
     BundleManifest,
     load_reference_logits,
     make_bundle,
@@ -81,7 +80,8 @@ def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
     assert opened.root == tmp_path / "x"
     expected = {"pipeline.yaml", "01_load/verify.npz", "06_export_onnx/original.onnx",
                 "06_export_onnx/pruned.onnx", "07_simplify/original.sim.onnx",
-                "07_simplify/pruned.sim.onnx", REFERENCE_LOGITS, CALIBRATION_NPZ}
+                "07_simplify/pruned.sim.onnx", "09_verify/reference_logits.npz",
+                CALIBRATION_NPZ}
     assert set(opened.member_paths()) == expected
     assert (tmp_path / "x" / BUNDLE_JSON).is_file()
     src = (bundled_run.run_dir / "01_load" / "verify.npz").read_bytes()

@@ -42,7 +42,6 @@ from xpdeploy.spec import PipelineSpec, load_spec
 #: Bundle layout version written (and the newest one read).
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
-REFERENCE_LOGITS = "09_verify/reference_logits.npz"
 CALIBRATION_NPZ = "calibration.npz"
 PRUNED_TORCH = "pruned (torch)"  # the verify stage's name for the pruned torch candidate
 _ONNX_STAGES = ("export_onnx", "simplify")
@@ -89,6 +88,9 @@ class BundleManifest(BaseModel):
     )
     onnx: dict[str, OnnxModels] = Field(description="stage -> ONNX files it produced")
     verify_set: VerifySet
+    reference_logits: str = Field(
+        description="member holding the host's torch logits per label (the verify artifact's)"
+    )
     reference_top1: dict[str, float | None] = Field(
         description="label -> torch top-1 in percent on the verify set (None: synthetic labels)"
     )
@@ -127,7 +129,13 @@ def _require_manifest(folder: RunFolder, stage: str) -> dict[str, Any]:
 def _checked_outputs(folder: RunFolder, stage: str) -> dict[str, Artifact]:
     """The stage's artifacts, after checking that their files still have the recorded digests."""
     manifest = _require_manifest(folder, stage)
-    outputs = parse_outputs(manifest)
+    try:
+        outputs = parse_outputs(manifest)
+    except ValueError:  # written by an older xpdeploy whose artifacts lacked a field
+        raise RunFolderError(
+            f"stage '{stage}' in {folder.root} was run by an older xpdeploy; rerun it with "
+            f"{_finish_hint(folder.root)} --from {stage} --force"
+        ) from None
     for name, artifact in outputs.items():
         try:
             intact = artifact.digest(folder.root) == manifest["outputs"][name]["digest"]
@@ -243,13 +251,8 @@ def make_bundle(
     parity = _typed(_checked_outputs(folder, "verify")["parity"], ParityReport)
     before_verify = stages[: stages.index("verify")] if "verify" in stages else stages
     models = _models_by_digest(folder, before_verify, verify_manifest["inputs"])
-    if not (run_dir / REFERENCE_LOGITS).is_file():
-        raise RunFolderError(
-            f"{run_dir / REFERENCE_LOGITS} is missing (verified by an older xpdeploy); rerun "
-            f"verify with {_finish_hint(run_dir)} --from verify --force"
-        )
     rels = [RESOLVED_PIPELINE, verify_set.file, *(r for g in onnx.values() for r in g.files()),
-            REFERENCE_LOGITS]
+            parity.reference_file]
     with tempfile.TemporaryDirectory(prefix="xpdeploy-bundle-") as tmp:
         staging = Path(tmp)
         calibration = _calibration(spec, _load_model(folder), _opt_path(calibration_root),
@@ -262,7 +265,8 @@ def make_bundle(
         manifest = BundleManifest(
             xpdeploy_version=__version__, pipeline=spec.name, source_run=str(run_dir),
             created=now_iso(), members=members, models=models, onnx=onnx,
-            verify_set=verify_set, reference_top1=_reference_top1(parity),
+            verify_set=verify_set, reference_logits=parity.reference_file,
+            reference_top1=_reference_top1(parity),
             calibration=calibration,
         )
         (staging / BUNDLE_JSON).write_text(_manifest_json(manifest))
@@ -397,5 +401,5 @@ def _verify_member(root: Path, member: BundleMember) -> None:
 
 def load_reference_logits(manifest: BundleManifest) -> dict[str, np.ndarray]:
     """Label -> torch logits (samples, classes) float32 recorded by the host's verify stage."""
-    with np.load(manifest.path(REFERENCE_LOGITS), allow_pickle=False) as z:
+    with np.load(manifest.path(manifest.reference_logits), allow_pickle=False) as z:
         return {key: np.asarray(z[key], dtype=np.float32) for key in z.files}

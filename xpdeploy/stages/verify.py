@@ -41,7 +41,7 @@ def save_reference_logits(path: Path, logits: dict[str, np.ndarray]) -> None:
     """Write ``label -> (samples, classes)`` float32 logits as an .npz, atomically.
 
     Why: a torch-free device compares its ONNX/TensorRT outputs with these instead of rerunning
-    torch. Not an artifact file (ParityReport is unchanged); the bundle reads it by path.
+    torch. The ParityReport owns the file (``reference_file``), so its digest guards it too.
     """
     arrays = {label: np.asarray(x, dtype=np.float32) for label, x in logits.items()}
 

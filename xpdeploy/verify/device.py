@@ -22,7 +22,7 @@ from pathlib import Path
 
 from xpdeploy.artifacts import CandidateResult, OnnxModel, ParityReport
 from xpdeploy.backends.ort_runner import OrtRunner
-from xpdeploy.bundle import REFERENCE_LOGITS, BundleManifest, load_reference_logits, read_bundle
+from xpdeploy.bundle import BundleManifest, load_reference_logits, read_bundle
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.spec import VerifyConfig, load_spec
 from xpdeploy.verify.candidates import Candidate, evaluate_candidate
@@ -103,7 +103,7 @@ def verify_bundle(
                 eval_batch_size=spec.data.batch_size, threads=threads))
     original = manifest.models["original"]
     return ParityReport(
-        file=PARITY_FILE, reference_file=REFERENCE_LOGITS, original_name=original.label,
+        file=PARITY_FILE, reference_file=manifest.reference_logits, original_name=original.label,
         original_runner=REFERENCE_RUNNER,
         original_top1=ref_top1, original_gmacs=original.gmacs,
         original_params_m=original.params_m, samples=len(batch), data_source=batch.source,

@@ -67,6 +67,17 @@ TRANSLATE_SHARE = 0.45
 # Seeding
 
 
+def _draw_seeds(seed: int) -> list[np.random.SeedSequence]:
+    """(Python, numpy global, torch, explicit Generator) seeds of one draw, in that order."""
+    return np.random.SeedSequence(seed).spawn(4)
+
+
+def draw_generator(seed: int) -> np.random.Generator:
+    """The explicit generator :func:`seeded_draw` hands its block, without touching the global
+    generators: enough for draws that use numpy only (flip and crop)."""
+    return np.random.default_rng(_draw_seeds(seed)[3])
+
+
 @contextmanager
 def seeded_draw(seed: int) -> Iterator[np.random.Generator]:
     """Seed Python's ``random``, numpy's global RNG and torch's CPU RNG from ``seed`` for one draw.
@@ -86,14 +97,14 @@ def seeded_draw(seed: int) -> Iterator[np.random.Generator]:
     seed = operator.index(seed)
     if seed < 0:
         raise ValueError(f"a draw seed must be a non-negative int, got {seed}")
-    py_seq, np_seq, torch_seq, gen_seq = np.random.SeedSequence(seed).spawn(4)
+    py_seq, np_seq, torch_seq, gen_seq = _draw_seeds(seed)
     py_state, np_state = random.getstate(), np.random.get_state()
     torch_state = torch.get_rng_state()
     try:
         random.seed(int(py_seq.generate_state(1, dtype=np.uint64)[0]))
         np.random.seed(np_seq.generate_state(4))  # 4 x uint32: the legacy RNG's array seed
         torch.default_generator.manual_seed(int(torch_seq.generate_state(1, dtype=np.uint64)[0]))
-        yield np.random.default_rng(gen_seq)
+        yield np.random.default_rng(gen_seq)  # = draw_generator(seed)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -243,9 +254,9 @@ class AugmentedSplit(Dataset):
             # restore of the global generators makes this as fast as the plain split (~25x).
             if not (self.cfg.hflip or self.cfg.crop_padding):
                 return self.split[index]
-            rng = np.random.default_rng(np.random.SeedSequence(draw_seed).spawn(4)[3])
-            return self._shift(self.split[index][0], rng, hflip=self.cfg.hflip), \
-                int(self.labels[index])
+            pixels = self._shift(self.split[index][0], draw_generator(draw_seed),
+                                 hflip=self.cfg.hflip)
+            return pixels, int(self.labels[index])
         with seeded_draw(draw_seed) as rng:
             if self._image_transform is not None:
                 pixels = self._from_image(index, rng)

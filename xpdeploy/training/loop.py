@@ -36,7 +36,6 @@ from xpdeploy.training.evaluate import evaluate_top1
 from xpdeploy.training.precision import autocast, autocast_dtype, grad_scaler
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
     from torch.utils.data import Dataset
 
@@ -175,6 +174,7 @@ def train_model(
     on the same (augmented, mixed) images. Collective under torchrun: every rank calls it.
     """
     import torch
+    from timm.loss import SoftTargetCrossEntropy
     from torch.utils.data import DataLoader
 
     from xpdeploy.data.train_augment import BatchMixer
@@ -204,6 +204,7 @@ def train_model(
     ema = _make_ema(model, cfg.ema_decay)
     ddp = distributed.wrap_ddp(model)
     hard_ce = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    soft_ce = SoftTargetCrossEntropy()  # mixup/cutmix targets (smoothing is already in them)
     if distributed.is_main():
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path = checkpoint_dir / checkpoint.LAST_NAME
@@ -279,7 +280,7 @@ def train_model(
                         stack.enter_context(autocast(amp, device))
                         logits = ddp(x)
                         loss = hard_ce(logits, y) if target is None else \
-                            _soft_ce(logits, target)
+                            soft_ce(logits.float(), target)
                         if distiller is not None:
                             loss = distiller.loss(loss, logits, x)
                     scaler.scale(loss / group).backward()
@@ -372,13 +373,6 @@ def _shard_stats(n: int, shard: list[int]) -> dict[str, Any]:
     counts = np.sum(masks, axis=0)
     return {"images_per_rank": [int(m.sum()) for m in masks],
             "images_overlap": int((counts > 1).sum())}
-
-
-def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets (mixup/cutmix), mean over the batch."""
-    import torch
-
-    return torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def _make_ema(model: nn.Module, decay: float | None) -> Any:

@@ -74,3 +74,25 @@ def write_pipeline(path: Path, spec: dict[str, Any]) -> Path:
 def tiny_pipeline(tmp_path: Path) -> Path:
     """Path of a tiny pipeline file in a temporary folder."""
     return write_pipeline(tmp_path / "tiny.yaml", tiny_pipeline_dict())
+
+
+def kill_at_mid_epoch_checkpoint(proc: Any, checkpoint: Path, kill: Any,
+                                 timeout_s: float = 300) -> dict[str, Any]:
+    """Poll ``checkpoint`` while ``proc`` (a Popen) runs; call ``kill()`` as soon as it holds a
+    mid-epoch position (``step_in_epoch > 0``), wait for ``proc`` and return that checkpoint's
+    state ({} when the run ended or timed out first)."""
+    import time
+
+    import torch
+
+    deadline = time.monotonic() + timeout_s
+    state: dict[str, Any] = {}
+    while proc.poll() is None and time.monotonic() < deadline:
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if state["step_in_epoch"] > 0:
+                kill()
+                break
+        time.sleep(0.02)
+    proc.wait()
+    return state if state.get("step_in_epoch", 0) > 0 else {}

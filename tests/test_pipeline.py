@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import tiny_pipeline_dict, write_pipeline
+from tests.conftest import kill_at_mid_epoch_checkpoint, tiny_pipeline_dict, write_pipeline
 from xpdeploy.errors import ConfigError, RunFolderError
 from xpdeploy.fileio import sha256_file
 from xpdeploy.pipeline import run_pipeline
@@ -157,27 +157,17 @@ def test_sigkill_during_training_resumes_with_the_same_result(tmp_path: Path) ->
 def test_sigkill_mid_epoch_resumes_from_the_step_checkpoint(tmp_path: Path) -> None:
     """``checkpoint_every_steps``: a kill inside an epoch loses at most k steps, and the resumed
     run ends with the same weights as an uninterrupted one."""
-    import torch
-
     pipe, env, clean = _uninterrupted(tmp_path, epochs=3, batch_size=16,
                                       checkpoint_every_steps=10, threads=1)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(pipe, killed, "--until", "train"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed / "02_train" / "checkpoints" / "last.pt"
-    position = (0, 0)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if checkpoint.exists():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            position = (state["epoch"], state["step_in_epoch"])
-            if position[1] > 0:  # a mid-epoch checkpoint: kill now
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    proc.wait()
-    assert position[1] > 0, "the run ended before a mid-epoch checkpoint was seen"
+    state = kill_at_mid_epoch_checkpoint(
+        proc, killed / "02_train" / "checkpoints" / "last.pt",
+        lambda: proc.send_signal(signal.SIGKILL), timeout_s=240)
+    assert state, "the run ended before a mid-epoch checkpoint was seen"
+    position = (state["epoch"], state["step_in_epoch"])
 
     rerun = subprocess.run(_cli(pipe, killed, "--until", "train"), env=env,
                            capture_output=True, text=True)

@@ -14,8 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import tiny_pipeline_dict, write_pipeline
+from tests.conftest import kill_at_mid_epoch_checkpoint, tiny_pipeline_dict, write_pipeline
 from xpdeploy.data.sources import open_split
+from xpdeploy.fileio import sha256_file
 from xpdeploy.models.arch import rebuild_model
 from xpdeploy.runfolder import RunFolder, parse_outputs
 from xpdeploy.spec import load_spec
@@ -130,12 +131,6 @@ def test_a_killed_distributed_run_resumes_with_the_same_weights(tmp_path: Path) 
     """SIGKILL to torchrun and both workers mid-epoch; the same command resumes from the step
     checkpoint (every rank's RNG state and partial metrics) and ends with the weights of an
     uninterrupted 2-process run."""
-    import time
-
-    import torch
-
-    from xpdeploy.fileio import sha256_file
-
     d = tiny_pipeline_dict()
     d["train"].update({"epochs": 3, "batch_size": 16, "checkpoint_every_steps": 10,
                        "threads": 1})
@@ -147,21 +142,13 @@ def test_a_killed_distributed_run_resumes_with_the_same_weights(tmp_path: Path) 
     cmd = _torchrun_cmd(pipe, killed, 2, "--until", "train")
     proc = subprocess.Popen(cmd, env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    checkpoint = killed / "02_train" / "checkpoints" / "last.pt"
-    position = (0, 0)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if checkpoint.exists():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            position = (state["epoch"], state["step_in_epoch"])
-            if position[1] > 0:
-                # torchrun starts its workers in sessions of their own: kill every process of
-                # this run (as a scheduler preempting the job would), not only torchrun's group.
-                _kill_processes_mentioning(str(killed))
-                break
-        time.sleep(0.05)
-    proc.wait()
-    assert position[1] > 0, "the run ended before a mid-epoch checkpoint was seen"
+    # torchrun starts its workers in sessions of their own: kill every process of this run (as
+    # a scheduler preempting the job would), not only torchrun's group.
+    state = kill_at_mid_epoch_checkpoint(
+        proc, killed / "02_train" / "checkpoints" / "last.pt",
+        lambda: _kill_processes_mentioning(str(killed)))
+    assert state, "the run ended before a mid-epoch checkpoint was seen"
+    position = (state["epoch"], state["step_in_epoch"])
     assert len(state["rng"]) == 2  # both ranks' RNG states
 
     rerun = _torchrun(pipe, killed, 2, "--until", "train")

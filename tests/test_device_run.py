@@ -85,7 +85,8 @@ def test_a_pipeline_without_tensorrt_ends_with_the_bundle_and_the_command(tmp_pa
                           str(run_dir)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "engines for 1 ONNX files are deferred to the device" in out.stdout
-    assert f"xpdeploy run {run_dir / 'bundle.tar'} --stages verify,report" in out.stdout
+    assert (f"xpdeploy run {run_dir / 'bundle.tar'} --stages build_engine,verify,report"
+            in out.stdout)
     assert out.stdout.strip().splitlines()[-1].startswith("PASSED | tiny |")
     assert (run_dir / "bundle.tar").is_file()
     device = CliRunner().invoke(cli, ["run", str(run_dir / "bundle.tar"), "--run-dir",
@@ -99,3 +100,30 @@ def test_a_pipeline_without_tensorrt_ends_with_the_bundle_and_the_command(tmp_pa
     assert required.returncode == 1
     assert required.stderr.strip().startswith(
         "error: build_engine.required is true but TensorRT is not installed")
+
+
+_CLI_WITH_TRT_STAND_IN = """
+import sys
+from tests.engine.ort_backed_trt import DeviceMemoryBackend, make_ort_backed_trt
+import xpdeploy.engine.cuda_memory as cuda_memory
+backend = DeviceMemoryBackend("NVIDIA Orin", "8.7")
+sys.modules["tensorrt"], _ = make_ort_backed_trt(backend)
+cuda_memory.load_backend = lambda *a, **k: backend
+"""
+
+
+def test_build_engine_on_a_bundle_runs_without_torch(bundled_run: BundledRun,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """The device's build_engine + verify + report import no torch (TensorRT: a stand-in that
+    runs each engine's ONNX file in onnxruntime, see tests/engine/ort_backed_trt.py)."""
+    run_dir = tmp_path / "device"
+    out = subprocess.run([sys.executable, "-c", _BLOCK + _CLI_WITH_TRT_STAND_IN + _CLI, "run",
+                          str(bundled_run.tar), "--run-dir", str(run_dir), "--stages",
+                          "build_engine,verify,report"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "[build_engine] done" in out.stdout and "4 engines (4 built" in out.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    assert len(report["engines"]["engines"]) == 4
+    assert {c["runner"] for c in report["candidates"]} >= {"trt-fp16", "trt-int8"}

@@ -37,6 +37,8 @@ DEVICE_MODULES = (
     "xpdeploy.backends.trt_runner",
     "xpdeploy.engine.cuda_memory",
     "xpdeploy.engine.host_precision",
+    "xpdeploy.engine.engines",
+    "xpdeploy.verify.engines",
     "xpdeploy.bundle",
     "xpdeploy.bundle_cli",
     "xpdeploy.verify.device",

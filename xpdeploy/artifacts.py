@@ -223,6 +223,27 @@ class CandidateResult(BaseModel):
     speedup: dict[int, float] = Field(description="batch -> baseline p50 / candidate p50")
     gates: list[GateResult]
     passed: bool
+    gpu_latency_ms: list[LatencyStats] | None = Field(
+        None, description="GPU compute per batch from CUDA events around the enqueue (TensorRT "
+        "runners; latency_ms is host wall time with copies)"
+    )
+    runner_info: dict[str, float] = Field(
+        default_factory=dict,
+        description="one-off runner costs in ms: deserialize_ms, first_inference_ms (TensorRT)",
+    )
+
+
+class PrecisionChoice(BaseModel):
+    """``precision: best``: which of an fp16 and an int8 engine was kept, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="label of the model the engines were built from")
+    batch: str = Field(description="the engines' batch range, e.g. 'b1' or 'b1-8-32'")
+    kept: str | None = Field(description="candidate name kept; None when none passed its gates")
+    dropped: list[str] = Field(description="candidates not kept (informational in the verdict)")
+    p50_ms: dict[str, float] = Field(description="candidate -> p50 host latency at its batch")
+    reason: str
 
 
 class ParityReport(Artifact):
@@ -243,6 +264,10 @@ class ParityReport(Artifact):
     synthetic: bool
     threads: int
     candidates: list[CandidateResult]
+    choices: list[PrecisionChoice] = Field(
+        default_factory=list, description="precision: best decisions; dropped candidates do not "
+        "decide the verdict"
+    )
     passed: bool
 
     def files(self) -> list[str]:
@@ -264,6 +289,39 @@ class RunReport(Artifact):
         return [self.json_file, self.markdown_file, *self.plots]
 
 
+class TrtEngine(BaseModel):
+    """One TensorRT plan: what it was built from, for which device, and how the build went."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="file-name-safe id, e.g. 'pruned.fp16-b1'")
+    source: str = Field(description="label of the model it was built from ('original', 'pruned')")
+    onnx_file: str = Field(description="the ONNX file it was built from (before any host step)")
+    graph_file: str = Field(description="the ONNX file TensorRT parsed (a host fp16/Q/DQ graph on "
+                            "the strongly typed path, else onnx_file)")
+    precision: Literal["fp32", "fp16", "int8"]
+    label: str = Field(description="precision and batch range, e.g. 'fp16-b1', 'int8-b1-8-32'")
+    build_path: Literal["weak", "strong"]
+    file: str = Field(description="the serialized plan")
+    batch_min: int
+    batch_opt: int
+    batch_max: int
+    cache_hit: bool = Field(description="reused from the engine cache (same full key)")
+    build_s: float = Field(description="seconds spent building (0 for a cache hit)")
+    fused_attention_kernels: int | None = None
+    attention_blocks: int | None = None
+    layernorm_layers_pinned: int = 0
+    log_file: str | None = None
+    layers_file: str | None = None
+    host_step: dict[str, object] | None = Field(
+        None, description="what the host-side fp16 cast or Q/DQ insertion did (strong path)"
+    )
+    warnings: list[str] = Field(default_factory=list)
+
+    def files(self) -> list[str]:
+        return [self.file] + [f for f in (self.log_file, self.layers_file) if f]
+
+
 class EngineSet(Artifact):
     """What ``build_engine`` produced. ``deferred``: no engine was built on this machine (no
     TensorRT here); the run then ends with a device bundle that continues on the target."""
@@ -272,3 +330,11 @@ class EngineSet(Artifact):
     reason: str = Field(description="why the engines were deferred, for the log and the report")
     tensorrt: str | None = Field(None, description="TensorRT version found here, if any")
     precision: str
+    device: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="GPU name, compute capability, L4T release, CUDA binding of the build",
+    )
+    engines: list[TrtEngine] = Field(default_factory=list)
+
+    def files(self) -> list[str]:
+        return [ref for e in self.engines for ref in e.files()]

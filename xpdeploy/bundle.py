@@ -186,15 +186,7 @@ def _calibration(
     path = spec.build_engine.calibration if spec.build_engine else None
     if path is None:
         return None
-    try:
-        manifest = cal.read_manifest(path)
-        image_root = root if root is not None else Path(manifest.source or ".")
-        pixels = cal.load_array(manifest, image_root, model.data_config)
-    except DataError as e:
-        raise DataError(
-            f"calibration images of {path} are not readable ({e}); pass --calibration-root with "
-            "the folder the manifest was made from"
-        ) from None
+    pixels, manifest = cal.load_configured(path, model.data_config, root)
     cal.save_npz(out, pixels, manifest)
     return CalibrationInfo(manifest=str(path), manifest_sha256=manifest.digest(),
                            samples=len(pixels))

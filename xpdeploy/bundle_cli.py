@@ -13,8 +13,7 @@ import click
 from xpdeploy.cli_guard import guarded
 
 _MIB = 1024 * 1024
-#: Image the device side runs in (docker/jetson). ``xpdeploy run X.tar`` is not wired yet: it
-#: lands with the device-side stages; until then the command is printed as the next step to take.
+#: Image the device side runs in (docker/jetson).
 DEVICE_IMAGE = "xpdeploy-jetson:r36"
 DEVICE_STAGES = "build_engine,verify,report"
 

@@ -52,14 +52,16 @@ def cli() -> None:
 @click.option("--until", metavar="STAGE", help="Stop after STAGE.")
 @click.option("--force", is_flag=True, help="Rerun every selected stage even if unchanged.")
 @click.option("--stages", "device_stages", metavar="LIST",
-              help="Bundles only: device stages to run, e.g. verify,report (the default).")
+              help="Bundles only: device stages, build_engine,verify,report or verify,report "
+                   "(the default: no TensorRT needed).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_stage: str | None,
         until: str | None, force: bool, device_stages: str | None, debug: bool) -> None:
     """Run PIPELINE (a YAML file); finished stages whose inputs are unchanged are reused.
 
-    PIPELINE may also be a device bundle (X.tar from `xpdeploy bundle`): its ONNX files are then
-    verified here, without torch, against the host's reference logits (--stages verify,report).
+    PIPELINE may also be a device bundle (X.tar from `xpdeploy bundle`): it then continues here,
+    without torch: TensorRT engines are built (--stages build_engine,verify,report) and they and
+    the ONNX files verified against the host's reference logits.
     """
     from xpdeploy.device_run import is_bundle
 

@@ -257,17 +257,19 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
         from xpdeploy.stages import build_engine
 
         ex.engines = ex.step("build_engine", build_engine.run,
-                             {"onnx": exported, "simplified": simplified})["engines"]
+                             {"onnx": exported, "simplified": simplified, **models})["engines"]
+    built = ex.engines if ex.engines is not None and not ex.engines.deferred else None
     if ex.wants("verify"):
         parity = ex.step(
             "verify",
             verify.run,
-            {**models, "verify_set": verify_set, "exported": exported, "simplified": simplified},
+            {**models, "verify_set": verify_set, "exported": exported, "simplified": simplified,
+             "engines": built},
         )["parity"]
     if ex.wants("report"):
         run_report = ex.step(
             "report", report.run, {"model": model, "parity": parity, "plan": plan,
-                                   "masks": masks, "pruned": pruned}
+                                   "masks": masks, "pruned": pruned, "engines": built}
         )["report"]
     return parity, run_report
 
@@ -358,9 +360,9 @@ def write_device_bundle(ex: StageExecutor, root: Path) -> Path | None:
     log(f"[bundle] {out}: {len(manifest.members)} files, {mib:.1f} MiB ({ex.engines.reason})")
     log("  continue on the device (Jetson image, see docker/README.md):")
     log(f"    docker run --rm --runtime nvidia -v \"$PWD\":/work xpdeploy-jetson:r36 "
-        f"xpdeploy run {out} --stages verify,report")
-    log("  (verify + report in onnxruntime against these torch logits; building TensorRT engines "
-        "from a bundle is not wired in this version)")
+        f"xpdeploy run {out} --stages build_engine,verify,report")
+    log("  (builds the TensorRT engines there, then verifies them and the ONNX files against "
+        "these torch logits; --stages verify,report skips the engines)")
     return out
 
 

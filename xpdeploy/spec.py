@@ -313,6 +313,14 @@ class VerifyConfig(Section):
         ),
         description="gates of the pruned model's candidates vs the original (accuracy, speed)",
     )
+    engine_gates: GatesConfig = Field(
+        default_factory=lambda: GatesConfig(
+            max_top1_drop=1.0, min_agreement=0.97, max_abs_diff=None, min_cosine=0.99
+        ),
+        description="gates of the original's fp16 / int8 TensorRT engines vs the original: "
+        "reduced precision moves logits by more than max_abs_diff's 1e-3 (the pruned model's "
+        "engines keep pruned_gates)",
+    )
     max_export_diff: float | None = Field(
         1e-3, gt=0, description="every ONNX candidate vs its own torch model: max abs logit diff"
     )

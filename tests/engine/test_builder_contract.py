@@ -92,7 +92,7 @@ def test_trt8_sets_explicit_batch(tmp_path, onnx) -> None:
 def test_int8_sets_flag_and_calibrator(tmp_path, onnx) -> None:
     cal = object()
     _, calls = run(tmp_path, onnx, settings(precision="int8", calibration="c.json"), calibrator=cal)
-    assert flags_set(calls) == [BuilderFlag.INT8]
+    assert flags_set(calls) == [BuilderFlag.INT8, BuilderFlag.FP16]
     assert ("config.int8_calibrator", cal) in calls
     profile = next(c[1] for c in calls if c[0] == "config.add_optimization_profile")
     assert ("config.set_calibration_profile", profile) in calls

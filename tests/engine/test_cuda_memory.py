@@ -89,6 +89,8 @@ def fake_cudart(elapsed_ms: float = 1.25) -> types.ModuleType:
     mod.cudaEventRecord = rec("cudaEventRecord")  # type: ignore[attr-defined]
     mod.cudaEventSynchronize = rec("cudaEventSynchronize")  # type: ignore[attr-defined]
     mod.cudaEventElapsedTime = rec("cudaEventElapsedTime", elapsed_ms)  # type: ignore[attr-defined]
+    props = types.SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\0\0\0", major=9, minor=0)
+    mod.cudaGetDeviceProperties = rec("cudaGetDeviceProperties", props)  # type: ignore[attr-defined]
     mod.cudaGetErrorName = lambda err: (ok, CudaErrorT(err).name.encode())  # type: ignore[attr-defined]
     mod.calls = calls  # type: ignore[attr-defined]
     mod.fail = fail  # type: ignore[attr-defined]
@@ -137,6 +139,12 @@ def fake_pycuda_driver(current_context: bool = False, elapsed_ms: float = 0.75) 
         def retain_primary_context(self) -> Ctx:
             calls.append(("retain_primary_context", ()))
             return Ctx()
+
+        def name(self) -> str:
+            return "Orin (nvgpu)"
+
+        def compute_capability(self) -> tuple[int, int]:
+            return (8, 7)
 
     class Alloc:
         def __init__(self, nbytes: int) -> None:
@@ -410,3 +418,15 @@ def test_pycuda_error_becomes_one_line_cuda_error() -> None:
             backend.alloc(64)
     assert str(info.value) == "CUDA call cuMemAlloc failed: out of memory (pycuda)"
     assert "\n" not in str(info.value)
+
+
+def test_device_identity_from_either_binding() -> None:
+    """Name and compute capability (engine cache key) as each binding reports them."""
+    cudart = fake_cudart()
+    backend = CudaPythonBackend(cudart, device=0)
+    assert backend.device_identity() == ("NVIDIA H100 80GB HBM3", "9.0")
+    assert ("cudaGetDeviceProperties", (0,)) in cudart.calls
+    backend.close()
+    pyc = PycudaBackend(fake_pycuda_driver(), device=0)
+    assert pyc.device_identity() == ("Orin (nvgpu)", "8.7")
+    pyc.close()

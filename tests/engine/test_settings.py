@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from xpdeploy.engine.settings import Profile, plan_builds
+from xpdeploy.engine.settings import Profile, build_precisions, plan_builds
 from xpdeploy.engine.versions import TrtVersion
 from xpdeploy.errors import BuildError
 from xpdeploy.spec import BuildEngineConfig
@@ -58,10 +58,29 @@ def test_int8_uses_the_configured_calibrator() -> None:
     (s,) = plan_builds(
         cfg(precision="int8", calibration="cal.json", calibrator="entropy2"), V85, "pixels", CHW
     )
-    assert s.builder_flags[0] == "INT8" and s.calibrator == "entropy2"
-    (s,) = plan_builds(cfg(precision="best", calibration="cal.json"), V103, "pixels", CHW)
-    assert s.builder_flags == ("FP16", "INT8") and s.calibrator == "minmax"
+    assert s.builder_flags[:2] == ("INT8", "FP16") and s.calibrator == "entropy2"
+    (s,) = plan_builds(cfg(precision="int8", calibration="cal.json"), V103, "pixels", CHW)
+    assert s.builder_flags == ("INT8", "FP16") and s.calibrator == "minmax"
     assert any("deprecates implicit int8" in w for w in s.warnings)
+
+
+def test_best_is_an_fp16_and_an_int8_build() -> None:
+    config = cfg(precision="best", calibration="cal.json")
+    assert build_precisions("best") == ("fp16", "int8")
+    assert build_precisions("fp16") == ("fp16",)
+    with pytest.raises(BuildError, match="best is two builds"):
+        plan_builds(config, V103, "pixels", CHW)
+    (fp16,) = plan_builds(config, V103, "pixels", CHW, precision="fp16")
+    (int8,) = plan_builds(config, V103, "pixels", CHW, precision="int8")
+    assert (fp16.label, fp16.builder_flags, fp16.calibrator) == ("fp16-b1", ("FP16",), None)
+    assert (int8.label, int8.builder_flags, int8.calibrator) == ("int8-b1", ("INT8", "FP16"),
+                                                                 "minmax")
+    with pytest.raises(BuildError, match=r"precision best on TensorRT 10\.3\.0 needs an int8"):
+        plan_builds(cfg(precision="best"), V103, "pixels", CHW, precision="int8")
+    # Strong path: one host-cast graph and one Q/DQ graph.
+    (s16,) = plan_builds(config, V1012, "pixels", CHW, precision="fp16", graph_precision="fp16")
+    (s8,) = plan_builds(config, V1012, "pixels", CHW, precision="int8", graph_precision="int8")
+    assert s16.builder_flags == s8.builder_flags == () and s8.calibrator is None
 
 
 def test_strong_path_takes_precision_from_the_graph() -> None:
@@ -76,8 +95,6 @@ def test_strong_path_fp16_on_fp32_graph_explains_the_missing_step() -> None:
         plan_builds(cfg(precision="fp16"), V1012, "pixels", CHW)
     with pytest.raises(BuildError, match="Q/DQ"):
         plan_builds(cfg(precision="int8", calibration="c.json"), V1012, "pixels", CHW)
-    with pytest.raises(BuildError, match="best is not available"):
-        plan_builds(cfg(precision="best"), V1012, "pixels", CHW)
     with pytest.raises(BuildError, match="strongly typed networks forbid layer precisions"):
         plan_builds(cfg(precision="fp16"), V1012, "pixels", CHW, graph_precision="fp16",
                     layernorm_fp32=True)

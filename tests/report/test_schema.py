@@ -33,7 +33,7 @@ def test_structure() -> None:
     r = report()
     assert set(r) == {
         "schema_version", "status", "pipeline", "title", "created", "run_dir", "data",
-        "threads", "environment", "original", "candidates",
+        "threads", "environment", "original", "candidates", "engines",
     }  # fmt: skip
     assert r["schema_version"] == REPORT_SCHEMA_VERSION == 1
     assert r["status"] == "failed" and r["pipeline"] == "quickstart" and r["title"] == "Quickstart"
@@ -55,6 +55,7 @@ def test_structure() -> None:
         "name", "runner", "artifact", "gmacs", "params_m", "top1", "top1_delta", "agreement",
         "max_abs_diff", "mean_abs_diff", "cosine", "latency_ms", "baseline_latency_ms", "speedup",
         "gates", "passed", "source", "baseline", "source_max_abs_diff",
+        "gpu_latency_ms", "runner_info",
     }  # fmt: skip
     assert c["top1"] == 72.1 and c["top1_delta"] == pytest.approx(-0.4)
     assert c["agreement"] == 0.9961 and c["max_abs_diff"] == 1.2e-4 and c["passed"] is True

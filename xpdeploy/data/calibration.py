@@ -532,6 +532,26 @@ def load_array(
     return np.concatenate(batches, axis=0)
 
 
+def load_configured(
+    path: str | Path, data_config: DataConfig, root: str | Path | None = None
+) -> tuple[np.ndarray, CalibrationManifest]:
+    """The pipeline's calibration set (``build_engine.calibration``) as one preprocessed array.
+
+    ``root``: the folder the manifest's paths are relative to (default: the source folder the
+    manifest records). Unreadable or changed images are one DataError naming the fix.
+    """
+    manifest = read_manifest(path)
+    image_root = root if root is not None else Path(manifest.source or ".")
+    try:
+        pixels = load_array(manifest, image_root, data_config)
+    except DataError as e:
+        raise DataError(
+            f"calibration images of {path} are not readable ({e}); pass --calibration-root with "
+            "the folder the manifest was made from"
+        ) from None
+    return pixels, manifest
+
+
 # --------------------------------------------------------------------------------------------------
 # Preprocessed batches on disk (for the device bundle)
 

@@ -116,6 +116,8 @@ class CudaBackend(Protocol):
 
     def event_elapsed_ms(self, start: Any, end: Any) -> float: ...
 
+    def device_identity(self) -> tuple[str, str]: ...
+
     def close(self) -> None: ...
 
 
@@ -165,6 +167,13 @@ class _BackendBase:
 
     def _release_context(self) -> None:
         """Undo whatever context set-up the binding needed (nothing by default)."""
+
+    def device_identity(self) -> tuple[str, str]:
+        """(GPU name, compute capability "major.minor") of the backend's device.
+
+        Part of the engine cache key: a plan only runs on the GPU model it was built for.
+        """
+        raise NotImplementedError
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -269,6 +278,7 @@ class CudaPythonBackend(_BackendBase):
     def __init__(self, cudart: ModuleType | None = None, device: int = 0) -> None:
         super().__init__()
         self._rt = cudart if cudart is not None else _import_cudart()
+        self._device = device
         self._call("cudaSetDevice", device)
 
     def _error_name(self, err: Any) -> str:
@@ -296,6 +306,15 @@ class CudaPythonBackend(_BackendBase):
 
     def _raw_alloc(self, nbytes: int) -> int:
         return int(self._call("cudaMalloc", nbytes))
+
+    def device_identity(self) -> tuple[str, str]:
+        """From ``cudaGetDeviceProperties`` (``name`` is a NUL-padded char array)."""
+        prop = self._call("cudaGetDeviceProperties", self._device)
+        raw = prop.name
+        if isinstance(raw, bytes):
+            raw = raw.split(b"\0", 1)[0].decode(errors="replace")
+        name = str(raw)
+        return name.strip(), f"{int(prop.major)}.{int(prop.minor)}"
 
     def _raw_free(self, ptr: int) -> None:
         self._call("cudaFree", ptr)
@@ -361,6 +380,7 @@ class PycudaBackend(_BackendBase):
     def __init__(self, driver: ModuleType | None = None, device: int = 0) -> None:
         super().__init__()
         self._drv = driver if driver is not None else _import_pycuda_driver()
+        self._device = device
         self._allocs: dict[int, Any] = {}  # ptr -> pycuda DeviceAllocation (kept alive until freed)
         self._pushed: Any = None
         self._guard("cuInit", self._drv.init)
@@ -379,6 +399,12 @@ class PycudaBackend(_BackendBase):
             if not detail.startswith(what):  # pycuda's messages usually name the call already
                 detail = f"{what} failed: {detail}"
             raise CudaError(f"CUDA call {detail} (pycuda)") from exc
+
+    def device_identity(self) -> tuple[str, str]:
+        """From ``pycuda.driver.Device``: ``name()`` and ``compute_capability()``."""
+        dev = self._guard("cuDeviceGet", self._drv.Device, self._device)
+        major, minor = self._guard("cuDeviceGetAttribute", dev.compute_capability)
+        return str(self._guard("cuDeviceGetName", dev.name)).strip(), f"{int(major)}.{int(minor)}"
 
     def _raw_alloc(self, nbytes: int) -> int:
         alloc = self._guard("cuMemAlloc", self._drv.mem_alloc, nbytes)

@@ -201,11 +201,13 @@ class _ArrayReader:
     the quantizer only calls these two methods.
     """
 
-    def __init__(self, input_name: str, pixels: np.ndarray, batch: int) -> None:
+    def __init__(self, input_name: str, pixels: np.ndarray, batch: int, *, static: bool) -> None:
         self._name = input_name
-        # Drop a ragged tail for static-batch models: padding would add zeros to the ranges.
-        self._chunks = [pixels[i:i + batch] for i in range(0, len(pixels) - batch + 1, batch)]
-        self.images = batch * len(self._chunks)
+        # A static-batch model cannot take a ragged tail, and padding would add zeros to the
+        # ranges: drop it. A dynamic-batch model gets it as a smaller last batch.
+        stop = len(pixels) - batch + 1 if static else len(pixels)
+        self._chunks = [pixels[i:i + batch] for i in range(0, max(stop, 0), batch)]
+        self.images = sum(len(c) for c in self._chunks)
         self._i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -277,7 +279,8 @@ def quantize_qdq(
             f"takes (N, {', '.join(map(str, chw))}) with N >= 1; rebuild the calibration set at "
             "the model's input size"
         )
-    reader = _ArrayReader(input_name, calibration, static_batch or CALIB_BATCH)
+    reader = _ArrayReader(input_name, calibration, static_batch or CALIB_BATCH,
+                          static=static_batch is not None)
     if reader.images == 0:
         raise ExportError(
             f"{len(calibration)} calibration images are fewer than {src.name}'s static batch "

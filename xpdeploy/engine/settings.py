@@ -10,12 +10,18 @@ One :class:`BuildSettings` describes one engine. Choices made here:
   one engine with one optimisation profile over the batch axis (C, H, W stay fixed: the model's
   input size never changes after export). When given, they replace ``batch_sizes``. One profile per
   engine keeps runners simple (no profile switching on an execution context).
-* **Precision flags** (weak path): fp32 -> none, fp16 -> FP16, int8 -> INT8 (layers without an int8
-  kernel run in fp32, like ``trtexec --int8``), best -> FP16 + INT8. When LayerNorm is pinned to
+* **Precision flags** (weak path): fp32 -> none, fp16 -> FP16, int8 -> INT8 + FP16 (int8 where
+  TensorRT has an int8 kernel, fp16 elsewhere, like ``trtexec --int8 --fp16``: an int8 engine whose
+  other layers fell back to fp32 would lose to the fp16 engine for no reason). When LayerNorm is
+  pinned to
   fp32 we add PREFER_PRECISION_CONSTRAINTS rather than OBEY: every norm layer has an fp32 kernel,
   so "prefer" is honoured in practice, and it cannot fail a build the way "obey" can.
 * **Strong path**: no precision flags at all; the ONNX graph must already carry the requested
   precision (``graph_precision``), else a :class:`BuildError` says which host step is missing.
+* **best** is not a TensorRT mode but two builds (:func:`build_precisions`): an fp16 and an int8
+  engine, measured side by side by ``verify``, which keeps the faster one that passes the gates
+  (int8 is often not faster than fp16 for ViT attention on Orin). :func:`plan_builds` is called
+  once per precision.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from xpdeploy.errors import BuildError
 from xpdeploy.spec import BuildEngineConfig
 
 CalibratorKind = Literal["minmax", "entropy2"]
+#: The precision of one built engine (``best`` is a choice between two of them).
+BuiltPrecision = Literal["fp32", "fp16", "int8"]
 #: Precision the ONNX graph itself carries: plain fp32, cast to fp16 on the host, or fp32 with
 #: int8 Q/DQ nodes inserted on the host.
 GraphPrecision = Literal["fp32", "fp16", "int8"]
@@ -46,9 +54,13 @@ _IMPLICIT_INT8_DEPRECATED_FROM = (10, 1, 0)
 _WEAK_FLAGS: dict[str, tuple[str, ...]] = {
     "fp32": (),
     "fp16": ("FP16",),
-    "int8": ("INT8",),
-    "best": ("FP16", "INT8"),
+    "int8": ("INT8", "FP16"),
 }
+
+
+def build_precisions(precision: Precision) -> tuple[BuiltPrecision, ...]:
+    """The engine precisions a configured precision builds: ``best`` is fp16 and int8."""
+    return ("fp16", "int8") if precision == "best" else (precision,)
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ class BuildSettings:
 
     version: TrtVersion
     path: BuildPath
-    precision: Precision
+    precision: BuiltPrecision
     network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag members
     builder_flags: tuple[str, ...]  # BuilderFlag members
     workspace_bytes: int  # builder workspace memory pool limit, bytes
@@ -128,11 +140,15 @@ def plan_builds(
     input_name: str,
     input_chw: Sequence[int],
     *,
+    precision: BuiltPrecision | None = None,
     graph_precision: GraphPrecision = "fp32",
     profiles: Sequence[tuple[int, int, int]] | None = None,
     layernorm_fp32: bool | None = None,
 ) -> list[BuildSettings]:
     """One :class:`BuildSettings` per engine to build, or a one-line :class:`BuildError`.
+
+    ``precision``: the engine precision to plan (default ``config.precision``); with ``best``
+    configured, call once for each of :func:`build_precisions`.
 
     ``input_chw`` is the model input without the batch axis, e.g. (3, 224, 224). ``profiles`` are
     batch ranges (min, opt, max) replacing ``config.batch_sizes`` (see the module docstring).
@@ -140,16 +156,20 @@ def plan_builds(
     :func:`~xpdeploy.engine.versions.needs_layernorm_fp32` (None: follow the rule).
     """
     path = build_path(version)
-    precision: Precision = config.precision
+    if precision is None:
+        if config.precision == "best":
+            raise BuildError("precision best is two builds: plan each of build_precisions('best')")
+        precision = config.precision
     chw = tuple(int(d) for d in input_chw)
     if not chw or any(d <= 0 for d in chw):
         raise BuildError(f"input '{input_name}' needs positive non-batch dimensions, got {chw}")
     warnings: list[str] = []
 
     if path == "weak":
-        network_flags, builder_flags, calibrator = _weak(config, version, graph_precision, warnings)
+        network_flags, builder_flags, calibrator = _weak(
+            config, precision, version, graph_precision, warnings)
     else:
-        network_flags, builder_flags, calibrator = _strong(config, version, graph_precision)
+        network_flags, builder_flags, calibrator = _strong(precision, version, graph_precision)
 
     pin = needs_layernorm_fp32(version, precision) if layernorm_fp32 is None else layernorm_fp32
     if pin and path == "strong":
@@ -183,6 +203,7 @@ def plan_builds(
 
 def _weak(
     config: BuildEngineConfig,
+    precision: BuiltPrecision,
     version: TrtVersion,
     graph_precision: GraphPrecision,
     warnings: list[str],
@@ -197,7 +218,7 @@ def _weak(
     # EXPLICIT_BATCH is required in 8.x and deprecated (ignored) from 10.0.
     network_flags: tuple[str, ...] = ("EXPLICIT_BATCH",) if version.major < 10 else ()
     calibrator: CalibratorKind | None = None
-    if config.precision in ("int8", "best"):
+    if precision == "int8":
         if config.calibration is None:
             raise BuildError(
                 f"precision {config.precision} on TensorRT {version} needs an int8 calibration "
@@ -210,26 +231,21 @@ def _weak(
                 f"TensorRT {version} deprecates implicit int8 calibration (it still works); "
                 "TensorRT >= 10.12 uses Q/DQ nodes instead"
             )
-    return network_flags, _WEAK_FLAGS[config.precision], calibrator
+    return network_flags, _WEAK_FLAGS[precision], calibrator
 
 
 def _strong(
-    config: BuildEngineConfig, version: TrtVersion, graph_precision: GraphPrecision
+    precision: BuiltPrecision, version: TrtVersion, graph_precision: GraphPrecision
 ) -> tuple[tuple[str, ...], tuple[str, ...], None]:
     """The strongly typed path: precision must already be in the graph; no builder flags."""
-    if config.precision == "best":
-        raise BuildError(
-            f"precision best is not available on TensorRT {version}: strongly typed networks "
-            "take their precision from the ONNX graph, so choose fp32, fp16 or int8"
-        )
-    if config.precision != graph_precision:
+    if precision != graph_precision:
         step = {
             "fp16": "cast the ONNX model to fp16 on the host",
             "int8": "insert int8 Q/DQ nodes on the host (using the calibration set)",
             "fp32": "pass the plain fp32 export",
-        }[config.precision]
+        }[precision]
         raise BuildError(
-            f"precision {config.precision} on TensorRT {version} must come from the ONNX graph "
+            f"precision {precision} on TensorRT {version} must come from the ONNX graph "
             f"(strongly typed), but the graph is {graph_precision}: {step} before build_engine"
         )
     return ("STRONGLY_TYPED",), (), None

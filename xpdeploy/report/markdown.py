@@ -179,6 +179,44 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _engines_section(section: dict[str, Any] | None,
+                     candidates: list[dict[str, Any]]) -> list[str]:
+    """Engines built (with build time, cache use, fused attention), GPU compute, best choices."""
+    if not section:
+        return []
+    dev = section.get("device") or {}
+    l4t = f", L4T {dev['l4t_release']}" if dev.get("l4t_release") else ""
+    lines = ["## TensorRT engines", "",
+             f"TensorRT {section.get('tensorrt')} on {dev.get('name')} (compute capability "
+             f"{dev.get('compute_capability')}{l4t}), precision `{section.get('precision')}`.", ""]
+    by_file = {c["artifact"]: c for c in candidates}
+    lines += _header(["engine", "path", "built", "fused attention", "GPU p50", "host p50",
+                      "deserialize", "first inference"], "llrrrrrr")
+    for e in section.get("engines", []):
+        c = by_file.get(e["file"], {})
+        gpu = (c.get("gpu_latency_ms") or [{}])[0].get("p50")
+        host = (c.get("latency_ms") or [{}])[0].get("p50")
+        info = c.get("runner_info") or {}
+        blocks = e.get("attention_blocks")
+        fused = NA if e.get("fused_attention_kernels") is None else (
+            f"{e['fused_attention_kernels']}" + (f" / {blocks} blocks" if blocks else ""))
+        built = "engine cache" if e["cache_hit"] else f"{e['build_s']:.1f} s"
+        lines.append(_row([e["name"], e["build_path"], built, fused, fmt_ms(gpu), fmt_ms(host),
+                           fmt_ms(info.get("deserialize_ms")),
+                           fmt_ms(info.get("first_inference_ms"))]))
+    lines += ["", "GPU p50: CUDA events around the enqueue (GPU compute); host p50: wall time of "
+              "the call with both copies (ms per batch)."]
+    warned = [(e["name"], w) for e in section.get("engines", []) for w in e.get("warnings", [])]
+    if warned:
+        lines += ["", "Build warnings:", ""]
+        lines += [f"- `{name}`: {_one_line(w)}" for name, w in warned]
+    for choice in section.get("choices", []):
+        lines += ["", f"precision best, {choice['source']} {choice['batch']}: "
+                      f"{_one_line(choice['reason'])}"]
+    lines.append("")
+    return lines
+
+
 def _one_line(value: object) -> str:
     return " ".join(str(value).split())
 
@@ -297,6 +335,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         *_latency_table(report),
         "",
     ]
+    lines += _engines_section(report.get("engines"), report["candidates"])
     failed = [(c["name"], g) for c in report["candidates"] for g in c["gates"] if not g["passed"]]
     skipped = [
         (c["name"], g)

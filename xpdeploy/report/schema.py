@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from xpdeploy.artifacts import CandidateResult, LatencyStats, ParityReport
+from xpdeploy.artifacts import CandidateResult, EngineSet, LatencyStats, ParityReport
 from xpdeploy.fileio import write_json_atomic
 
 REPORT_SCHEMA_VERSION = 1
@@ -104,6 +104,24 @@ def _candidate(c: CandidateResult, synthetic: bool) -> dict[str, Any]:
         "source_max_abs_diff": c.source_max_abs_diff,
         "gates": [g.model_dump(mode="python") for g in c.gates],
         "passed": c.passed,
+        "gpu_latency_ms": _latency(c.gpu_latency_ms) if c.gpu_latency_ms else None,
+        "runner_info": dict(c.runner_info),
+    }
+
+
+def engines_section(engines: EngineSet | None, parity: ParityReport) -> dict[str, Any] | None:
+    """The engines built for this report's candidates and the ``precision: best`` choices."""
+    if engines is None or engines.deferred:
+        return None
+    keys = ("name", "source", "precision", "label", "build_path", "file", "cache_hit", "build_s",
+            "fused_attention_kernels", "attention_blocks", "layernorm_layers_pinned", "warnings",
+            "log_file", "layers_file")
+    return {
+        "tensorrt": engines.tensorrt,
+        "precision": engines.precision,
+        "device": dict(engines.device),
+        "engines": [{k: getattr(e, k) for k in keys} for e in engines.engines],
+        "choices": [c.model_dump(mode="python") for c in parity.choices],
     }
 
 
@@ -117,14 +135,17 @@ def build_report(
     environment: dict[str, Any],
     original_extra: dict[str, Any] | None = None,
     created: datetime | None = None,
+    engines: EngineSet | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-able dict (schema version :data:`REPORT_SCHEMA_VERSION`).
 
     status: "passed" or "failed". title: defaults to "xpdeploy report: <pipeline>".
     environment: tool versions, device, ... copied as given. original_extra: additional keys for
     the "original" section (e.g. its ONNX file); the keys computed from ``parity`` win on a clash.
-    created: report time (default now), written as ISO-8601 UTC. On synthetic data every ``top1``
-    and ``top1_delta`` is null whatever ``parity`` carried: random labels have no accuracy.
+    created: report time (default now), written as ISO-8601 UTC. engines: TensorRT engines that
+    were built (section "engines", with the ``precision: best`` choices). On synthetic data every
+    ``top1`` and ``top1_delta`` is null whatever ``parity`` carried: random labels have no
+    accuracy.
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
@@ -156,6 +177,7 @@ def build_report(
         "environment": dict(environment),
         "original": original,
         "candidates": [_candidate(c, synthetic) for c in parity.candidates],
+        "engines": engines_section(engines, parity),
     }
     return _json_safe(report)
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from xpdeploy.artifacts import Artifact, MaskSet, ParityReport, PrunePlan, RunReport, TorchModel
+from xpdeploy.artifacts import (
+    Artifact,
+    EngineSet,
+    MaskSet,
+    ParityReport,
+    PrunePlan,
+    RunReport,
+    TorchModel,
+)
 from xpdeploy.report import environment
 from xpdeploy.report.markdown import write_markdown
 from xpdeploy.report.plots import plot_latency
@@ -27,7 +35,8 @@ def _pruning(plan: PrunePlan, masks: MaskSet | None, pruned: TorchModel | None
 
 def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None,
         plan: PrunePlan | None = None, masks: MaskSet | None = None,
-        pruned: TorchModel | None = None) -> dict[str, Artifact]:
+        pruned: TorchModel | None = None, engines: EngineSet | None = None
+        ) -> dict[str, Artifact]:
     assert parity is not None  # PipelineSpec.check_runnable: 'report' needs 'verify'
     spec = ctx.spec
     status = "passed" if parity.passed else "failed"
@@ -38,6 +47,7 @@ def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
         status=status,
         title=spec.report.title,
         environment=environment.capture(),  # tools, device, fingerprint
+        engines=engines,
         original_extra={"epochs_trained": model.epochs_trained, "top1_samples": model.top1_samples,
                         "val_top1": model.top1},
     )

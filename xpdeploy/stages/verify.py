@@ -18,6 +18,7 @@ import numpy as np
 from xpdeploy.artifacts import (
     Artifact,
     CandidateResult,
+    EngineSet,
     OnnxModel,
     OnnxModels,
     ParityReport,
@@ -31,6 +32,12 @@ from xpdeploy.fileio import write_json_atomic, write_with
 from xpdeploy.stages.context import StageContext
 from xpdeploy.verify.candidates import Candidate, evaluate_candidate
 from xpdeploy.verify.compare import top1
+from xpdeploy.verify.engines import (
+    choose_precisions,
+    engine_candidates,
+    trt_runner_factory,
+    verdict,
+)
 from xpdeploy.verify.outputs import infer_all
 
 #: Torch logits of every source model on the verify set, for the device bundle (xpdeploy.bundle).
@@ -59,6 +66,7 @@ def run(
     pruned: TorchModel | None = None,
     exported: OnnxModels | None = None,
     simplified: OnnxModels | None = None,
+    engines: EngineSet | None = None,
 ) -> dict[str, Artifact]:
     cfg = ctx.spec.verify
     # CPUs this process may use (a container's affinity mask, not the host's core count).
@@ -75,8 +83,15 @@ def run(
         ref_top1 = None if batch.synthetic else top1(logits["original"], batch.labels)
         save_reference_logits(ctx.stage_dir / REFERENCE_LOGITS, logits)
 
+        ort_runners: dict[Path, OrtRunner] = {}
+
+        def ort_file(path: Path) -> OrtRunner:
+            if path not in ort_runners:
+                ort_runners[path] = stack.enter_context(OrtRunner(path, threads=threads))
+            return ort_runners[path]
+
         def ort(onnx_model: OnnxModel) -> OrtRunner:
-            return stack.enter_context(OrtRunner(ctx.path(onnx_model.file), threads=threads))
+            return ort_file(ctx.path(onnx_model.file))
 
         plan: list[Candidate] = []
         if pruned is not None:
@@ -95,18 +110,28 @@ def run(
                     baseline_name, baseline = base.file.rsplit("/", 1)[-1], ort(base)
                 plan.append(Candidate(name, ort(onnx_model), onnx_model.file, sources[label],
                                        baseline_name, baseline, fixed))
+        if engines is not None and engines.engines:
+            from xpdeploy.engine.cuda_memory import load_backend
+
+            backend = stack.enter_context(load_backend())
+            plan += engine_candidates(
+                engines, ctx.run_dir, sources, lambda f: ort_file(ctx.path(f)), stack,
+                batch_sizes=list(cfg.batch_sizes), eval_batch=ctx.spec.data.batch_size,
+                make_runner=trt_runner_factory(backend),
+                reduced_precision_gates=cfg.engine_gates)
         for c in plan:
             results.append(evaluate_candidate(
                 c, batch, logits["original"], logits[c.source.label], ref_top1, cfg=cfg,
                 eval_batch_size=ctx.spec.data.batch_size, threads=threads))
         original_name = original.name
+    choices = choose_precisions(engines, results) if engines is not None else []
     path = ctx.stage_dir / "parity.json"
     report = ParityReport(
         file=ctx.rel(path), reference_file=ctx.rel(ctx.stage_dir / REFERENCE_LOGITS),
         original_name=model.label, original_runner=original_name,
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
-        threads=threads, candidates=results, passed=all(r.passed for r in results),
+        threads=threads, candidates=results, choices=choices, passed=verdict(results, choices),
     )
     write_json_atomic(path, report.model_dump(mode="json", exclude={"file"}))
     return {"parity": report}

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from xpdeploy.artifacts import CandidateResult, GateResult, TorchModel
 from xpdeploy.data.verify_set import VerifyBatch
 from xpdeploy.progress import log
-from xpdeploy.spec import VerifyConfig
+from xpdeploy.spec import GatesConfig, VerifyConfig
 from xpdeploy.verify.compare import compare_logits, top1
 from xpdeploy.verify.gates import evaluate_gates
-from xpdeploy.verify.latency import Runner, measure_interleaved
+from xpdeploy.verify.latency import Runner, latency_stats, measure_interleaved
 from xpdeploy.verify.outputs import infer_all
+
+
+@runtime_checkable
+class GpuTimedRunner(Protocol):
+    """A runner that also records GPU compute per call (TensorRT's CUDA events), in ms."""
+
+    def gpu_times_ms(self, batch: int | None = None) -> list[float]: ...
+
+
+def _runner_info(runner: Runner) -> dict[str, float]:
+    """One-off costs a runner recorded (TensorRT: deserialise and first inference, ms)."""
+    info = {}
+    for key in ("deserialize_ms", "first_inference_ms"):
+        value = getattr(runner, key, None)
+        if isinstance(value, int | float):
+            info[key] = float(value)
+    return info
 
 
 @dataclass
@@ -27,6 +45,7 @@ class Candidate:
     baseline_name: str
     baseline: Runner
     fixed_batch: int | None = None
+    gates: GatesConfig | None = None  # None: the config's gates for the source model
 
 
 def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
@@ -36,6 +55,7 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
     """Accuracy, agreement, logit differences, interleaved latency and gates of one candidate."""
     logits = infer_all(c.runner, batch.pixels, c.fixed_batch or eval_batch_size,
                        fixed_batch=c.fixed_batch is not None)
+    gpu_timed = isinstance(c.runner, GpuTimedRunner)
     cmp = compare_logits(ref_logits, logits)
     source_diff = float(np.abs(source_logits - logits).max())
     cand_top1 = None if batch.synthetic else top1(logits, batch.labels)
@@ -48,7 +68,11 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
         lat_b.append(stats_b)
         lat_c.append(stats_c)
     speedup = {o.batch: o.p50 / n.p50 for o, n in zip(lat_b, lat_c, strict=True)}
-    gates_cfg = cfg.gates if c.source.label == "original" else cfg.pruned_gates
+    gpu_lat = None
+    if gpu_timed:  # the timed calls are the last `iters` of each batch size (after warm-up)
+        gpu_lat = [latency_stats(c.runner.gpu_times_ms(s.batch)[-cfg.iters:], s.batch)
+                   for s in lat_c]
+    gates_cfg = c.gates or (cfg.gates if c.source.label == "original" else cfg.pruned_gates)
     gates = evaluate_gates(gates_cfg, top1_delta=delta, agreement=cmp.agreement,
                            max_abs_diff=cmp.max_abs_diff, cosine=cmp.cosine, speedup=speedup,
                            synthetic=batch.synthetic)
@@ -64,7 +88,8 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
         params_m=c.source.params_m, top1=cand_top1, top1_delta=delta, agreement=cmp.agreement,
         max_abs_diff=cmp.max_abs_diff, mean_abs_diff=cmp.mean_abs_diff, cosine=cmp.cosine,
         latency_ms=lat_c, baseline_latency_ms=lat_b, speedup=speedup, gates=gates,
-        passed=all(g.passed for g in gates),
+        passed=all(g.passed for g in gates), gpu_latency_ms=gpu_lat,
+        runner_info=_runner_info(c.runner),
     )
     acc = "" if cand_top1 is None else f"top-1 {cand_top1:.2f}% ({delta:+.2f}), "
     log(f"  {c.name}: {acc}agreement {cmp.agreement:.4f}, speedup "

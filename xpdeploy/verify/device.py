@@ -10,7 +10,8 @@ the numbers, gates and the resulting :class:`~xpdeploy.artifacts.ParityReport` m
 Baselines for latency (interleaved, ratio of medians): an ONNX file of the pruned model is timed
 against the original's file of the same kind, as on the host; the original's exported file
 (``original.onnx``) against itself (no torch to time here; speedup about 1), and its simplified file
-against ``original.onnx``.
+against ``original.onnx``. TensorRT engines built on the device (``engines``) are candidates too,
+with the baselines of :mod:`xpdeploy.verify.engines`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,23 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from xpdeploy.artifacts import CandidateResult, OnnxModel, ParityReport
+from xpdeploy.artifacts import CandidateResult, EngineSet, OnnxModel, ParityReport
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.bundle import BundleManifest, load_reference_logits, read_bundle
 from xpdeploy.data.verify_set import load_verify_set
+from xpdeploy.progress import log
 from xpdeploy.spec import VerifyConfig, load_spec
 from xpdeploy.verify.candidates import Candidate, evaluate_candidate
 from xpdeploy.verify.compare import top1
+from xpdeploy.verify.engines import (
+    EngineRunnerFactory,
+    choose_precisions,
+    engine_candidates,
+    trt_runner_factory,
+    verdict,
+)
 
 #: Where a device-side verify writes its report, relative to the bundle root (as on the host).
 PARITY_FILE = "09_verify/parity.json"
@@ -67,6 +77,10 @@ def verify_bundle(
     batch_sizes: Sequence[int] | None = None,
     warmup: int | None = None,
     iters: int | None = None,
+    engines: EngineSet | None = None,
+    engines_root: Path | None = None,
+    backend: Any = None,
+    make_runner: EngineRunnerFactory | None = None,
 ) -> ParityReport:
     """Verify every ONNX file of an extracted bundle in onnxruntime, without torch.
 
@@ -75,6 +89,9 @@ def verify_bundle(
     section; ``batch_sizes`` (images), ``warmup`` and ``iters`` (calls per runner) override it.
     ``threads``: CPU threads per session (default: the pipeline's, else every CPU this process may
     use). The report is returned, not written; its ``file`` is :data:`PARITY_FILE`.
+    ``engines`` (paths relative to ``engines_root``) adds one TensorRT candidate per engine, run
+    through ``make_runner`` (default: :class:`~xpdeploy.backends.trt_runner.TrtRunner` sharing
+    ``backend``).
     """
     manifest = bundle if isinstance(bundle, BundleManifest) else read_bundle(bundle)
     spec = load_spec(manifest.path("pipeline.yaml"))
@@ -85,28 +102,43 @@ def verify_bundle(
     ref_top1 = None if batch.synthetic else top1(reference["original"], batch.labels)
     results: list[CandidateResult] = []
     with contextlib.ExitStack() as stack:
-        runners: dict[str, OrtRunner] = {}
+        runners: dict[Path, OrtRunner] = {}
+
+        def ort_file(path: Path, input_name: str = "pixels") -> OrtRunner:
+            if path not in runners:
+                runner = OrtRunner(path, threads=threads, input_name=input_name)
+                runners[path] = stack.enter_context(runner)
+            return runners[path]
 
         def ort(model: OnnxModel) -> OrtRunner:
-            if model.file not in runners:
-                runner = OrtRunner(manifest.path(model.file), threads=threads,
-                                   input_name=model.input_name)
-                runners[model.file] = stack.enter_context(runner)
-            return runners[model.file]
+            return ort_file(manifest.path(model.file), model.input_name)
 
+        plan = []
         for model, base in _onnx_plan(manifest):
             fixed = None if model.dynamic_batch else spec.export_onnx.trace_batch
-            c = Candidate(Path(model.file).name, ort(model), model.file,
-                          manifest.models[model.label], Path(base.file).name, ort(base), fixed)
+            plan.append(Candidate(Path(model.file).name, ort(model), model.file,
+                                  manifest.models[model.label], Path(base.file).name, ort(base),
+                                  fixed))
+        if engines is not None and engines.engines:
+            root = engines_root or manifest.path("")
+            plan += engine_candidates(
+                engines, root, manifest.models, lambda f: ort_file(root / f), stack,
+                batch_sizes=list(cfg.batch_sizes), eval_batch=spec.data.batch_size,
+                make_runner=make_runner or trt_runner_factory(backend),
+                reduced_precision_gates=cfg.engine_gates)
+        for c in plan:
             results.append(evaluate_candidate(
-                c, batch, reference["original"], reference[model.label], ref_top1, cfg=cfg,
+                c, batch, reference["original"], reference[c.source.label], ref_top1, cfg=cfg,
                 eval_batch_size=spec.data.batch_size, threads=threads))
+    choices = choose_precisions(engines, results) if engines is not None else []
+    for choice in choices:
+        log(f"  precision best, {choice.source} {choice.batch}: {choice.reason}")
     original = manifest.models["original"]
     return ParityReport(
         file=PARITY_FILE, reference_file=manifest.reference_logits, original_name=original.label,
         original_runner=REFERENCE_RUNNER,
         original_top1=ref_top1, original_gmacs=original.gmacs,
         original_params_m=original.params_m, samples=len(batch), data_source=batch.source,
-        synthetic=batch.synthetic, threads=threads, candidates=results,
-        passed=all(r.passed for r in results),
+        synthetic=batch.synthetic, threads=threads, candidates=results, choices=choices,
+        passed=verdict(results, choices),
     )

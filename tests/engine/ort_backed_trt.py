@@ -1,0 +1,219 @@
+"""A stand-in ``tensorrt`` whose "engines" run the parsed ONNX file in onnxruntime (tests only).
+
+It exists to drive OUR whole device path end to end without TensorRT: engine planning, the host
+steps, the int8 calibrator (it pulls every batch, as TensorRT does, through the CUDA memory
+layer), the engine cache, the build log and layer files, :class:`TrtRunner`'s v3 calls, the
+verify candidates and the ``precision: best`` choice. It does not imitate TensorRT: the "plan" is
+a JSON note naming the ONNX file and the profile, and "execution" runs that file in onnxruntime
+on the bytes our runner copied into the stand-in device memory (fp16/int8 engines round the
+logits through float16 so they differ a little from the fp32 reference, like a real engine would).
+Whether a real TensorRT builds and runs these engines is the job of the ``gpu`` + ``trt`` tests.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tests.backends.test_trt_runner_contract import MemoryBackend
+from tests.engine.fake_trt import FakeTensor, Scenario, make_fake_trt
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+
+
+class DeviceMemoryBackend(MemoryBackend):
+    """:class:`MemoryBackend` reporting a device identity, as the engine cache key needs."""
+
+    def __init__(self, name: str = "Fake GPU", cc: str = "8.7") -> None:
+        super().__init__()
+        self.identity = (name, cc)
+
+    def device_identity(self) -> tuple[str, str]:
+        return self.identity
+
+
+def _onnx_io(path: str) -> tuple[str, tuple[int, ...], int]:
+    """(input name, input shape with -1 for symbolic dims, number of classes) of an ONNX file."""
+    model = onnx.load(path, load_external_data=False)
+    inp, out = model.graph.input[0], model.graph.output[0]
+
+    def dims(t: Any) -> tuple[int, ...]:
+        return tuple(d.dim_value if d.HasField("dim_value") else -1
+                     for d in t.type.tensor_type.shape.dim)
+
+    return inp.name, dims(inp), dims(out)[-1]
+
+
+def make_ort_backed_trt(
+    memory: MemoryBackend, version: str = "10.3.0.26"
+) -> tuple[types.ModuleType, list[tuple]]:
+    """The stand-in module and the list recording our builder-side calls (see fake_trt).
+
+    ``memory``: the backend whose stand-in device memory the engines read and write (the one our
+    code is handed as its CUDA backend). ``mod.builds`` lists one dict per build: ONNX path,
+    profile, builder flags, calibration batches pulled.
+    """
+    sc = Scenario(version=version)
+    mod, calls = make_fake_trt(sc)
+    base_parser, base_builder = mod.OnnxParser, mod.Builder
+    builds: list[dict[str, Any]] = []
+
+    class OnnxParser(base_parser):  # type: ignore[misc, valid-type]
+        def parse_from_file(self, path: str) -> bool:
+            name, shape, _ = _onnx_io(path)
+            sc.inputs = [FakeTensor(name, shape)]
+            builds.append({"onnx": path, "profile": None, "flags": [], "first_call": len(calls)})
+            return super().parse_from_file(path)
+
+    class Builder(base_builder):  # type: ignore[misc, valid-type]
+        def create_optimization_profile(self) -> Any:
+            profile = super().create_optimization_profile()
+            original = profile.set_shape
+
+            def set_shape(name: str, lo: Any, mid: Any, hi: Any) -> None:
+                builds[-1]["profile"] = [list(lo), list(mid), list(hi)]
+                original(name, lo, mid, hi)
+
+            profile.set_shape = set_shape
+            return profile
+
+        def build_serialized_network(self, network: Any, config: Any) -> bytes | None:
+            first = builds[-1]["first_call"]
+            flags = [c[1].name for c in calls[first:] if c[0] == "config.set_flag"]
+            builds[-1]["flags"] = flags
+            calibrator = config.int8_calibrator
+            if calibrator is not None:  # what TensorRT does with an implicit calibrator
+                builds[-1]["calibration_batches"] = _calibrate(calibrator)
+            if super().build_serialized_network(network, config) is None:
+                return None
+            return json.dumps(builds[-1]).encode()
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, severity: Any = None) -> None:
+            self.severity = severity
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            calls.append(("Runtime", logger))
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Any:
+            calls.append(("runtime.deserialize_cuda_engine", len(plan)))
+            try:
+                note = json.loads(bytes(plan))
+            except ValueError:
+                return None  # not one of our plans: what TensorRT does with a foreign plan
+            return OrtEngine(note, sc, memory)
+
+    mod.OnnxParser, mod.Builder, mod.Logger, mod.Runtime = OnnxParser, Builder, Logger, Runtime
+    mod.TensorIOMode = TensorIOMode
+    mod.builds = builds
+    return mod, calls
+
+
+def _calibrate(calibrator: Any) -> int:
+    if calibrator.read_calibration_cache():
+        return 0
+    served = 0
+    while calibrator.get_batch(["pixels"]) is not None:
+        served += 1
+    calibrator.write_calibration_cache(b"scales:" + str(served).encode())
+    return served
+
+
+class OrtEngine:
+    """A deserialised "plan": the tensor API (v3) of an engine over an onnxruntime session."""
+
+    def __init__(self, note: dict[str, Any], sc: Scenario, memory: MemoryBackend) -> None:
+        import onnxruntime as ort
+
+        self.note, self.sc, self.memory = note, sc, memory
+        name, shape, classes = _onnx_io(note["onnx"])
+        self.input_name = name
+        self.tensors = [(name, True, (-1, *shape[1:])), ("logits", False, (-1, classes))]
+        self.num_io_tensors = 2
+        self.reduced = "FP16" in note["flags"] or "INT8" in note["flags"] or (
+            "fp16" in Path(note["onnx"]).name or "int8" in Path(note["onnx"]).name)
+        self.session = ort.InferenceSession(note["onnx"], providers=["CPUExecutionProvider"])
+
+    def create_engine_inspector(self) -> Any:
+        sc = self.sc
+
+        class Inspector:
+            def get_engine_information(self, fmt: Any) -> str:
+                return json.dumps(sc.layer_info)
+
+        return Inspector()
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.tensors[i][0]
+
+    def get_tensor_mode(self, name: str) -> TensorIOMode:
+        is_input = next(t[1] for t in self.tensors if t[0] == name)
+        return TensorIOMode.INPUT if is_input else TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType.FLOAT
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return next(t[2] for t in self.tensors if t[0] == name)
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> list[list[int]]:
+        return self.note["profile"]
+
+    def create_execution_context(self) -> Any:
+        return OrtContext(self)
+
+
+class OrtContext:
+    """``IExecutionContext`` v3 calls; ``execute_async_v3`` reads and writes the stand-in memory."""
+
+    def __init__(self, engine: OrtEngine) -> None:
+        self.engine = engine
+        self.shape: tuple[int, ...] | None = None
+        self.addresses: dict[str, int] = {}
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        lo, _, hi = self.engine.note["profile"]
+        if not lo[0] <= shape[0] <= hi[0]:
+            return False
+        self.shape = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        assert self.shape is not None
+        if name == self.engine.input_name:
+            return self.shape
+        return (self.shape[0], self.engine.tensors[1][2][1])
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        memory = self.engine.memory
+        assert self.shape is not None
+        n = int(np.prod(self.shape))
+        x = memory.store[self.addresses[self.engine.input_name]][: n * 4].view(np.float32)
+        logits = self.engine.session.run(None, {self.engine.input_name: x.reshape(self.shape)})[0]
+        if self.engine.reduced:
+            logits = logits.astype(np.float16)
+        raw = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1).view(np.uint8)
+        memory.store[self.addresses["logits"]][: raw.size] = raw
+        return True

@@ -345,7 +345,8 @@ class BuildEngineConfig(Section):
 
     Engines: one static engine per entry of ``batch_sizes`` (min = opt = max), or, when
     ``profiles`` is set, one engine per (min, opt, max) batch range, which then replaces
-    ``batch_sizes``. The ``build_engine`` stage that runs them is not in 0.1.
+    ``batch_sizes``. ``best`` builds an fp16 and an int8 engine and ``verify`` keeps the faster
+    one that passes its gates (:mod:`xpdeploy.verify.engines`).
     """
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp16"

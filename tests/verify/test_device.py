@@ -51,3 +51,31 @@ def test_verify_bundle_without_torch_matches_the_host(bundled_run: BundledRun,  
     parity = ParityReport.model_validate(report)
     validate_report(build_report(parity, pipeline="tiny", run_dir=str(tmp_path), status="passed",
                                  title=None, environment={}))
+
+
+def test_onnxruntime_gpu_providers_become_extra_candidates(
+    bundled_run: BundledRun, tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Where onnxruntime offers a GPU provider, each simplified file also runs on it, timed
+    against the same file on the CPU. Here the "CUDA" session is a CPU session in disguise (this
+    tests our candidate plumbing and gates, not onnxruntime-gpu)."""
+    from xpdeploy.backends import ort_runner
+    from xpdeploy.bundle import open_bundle
+    from xpdeploy.verify import device
+
+    class DisguisedRunner(ort_runner.OrtRunner):
+        def __init__(self, path, *, provider="CPUExecutionProvider", **kw) -> None:
+            super().__init__(path, **kw)
+            self.name = f"ort-{provider.removesuffix('ExecutionProvider').lower()}-fp32"
+
+    monkeypatch.setattr(device, "gpu_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(ort_runner, "OrtRunner", DisguisedRunner)
+    open_bundle(bundled_run.tar, tmp_path / "dev")
+    report = device.verify_bundle(tmp_path / "dev", threads=1, batch_sizes=[1], warmup=0,
+                                  iters=2)
+    by_name = {c.name: c for c in report.candidates}
+    cuda = by_name["original.sim.onnx [cuda]"]
+    assert cuda.runner == "ort-cuda-fp32" and cuda.baseline == "original.sim.onnx [cpu]"
+    assert {g.name for g in cuda.gates} == {"max_top1_drop", "min_agreement", "min_cosine"}
+    assert by_name["pruned.sim.onnx [cuda]"].source == "pruned"
+    assert report.passed

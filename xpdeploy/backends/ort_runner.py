@@ -9,6 +9,20 @@ import numpy as np
 
 from xpdeploy.errors import MissingDependencyError
 
+#: onnxruntime's GPU execution providers, verified as extra runners where the installed
+#: onnxruntime offers them (onnxruntime-gpu; the TensorRT one builds an engine at session start).
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def gpu_providers() -> list[str]:
+    """The GPU execution providers this onnxruntime offers (empty on the CPU package)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    available = set(ort.get_available_providers())
+    return [p for p in GPU_PROVIDERS if p in available]
+
 
 class OrtRunner:
     """Runs an ONNX file in an onnxruntime session with a fixed thread count."""

@@ -25,7 +25,7 @@ from xpdeploy.artifacts import (
     TorchModel,
     VerifySet,
 )
-from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.backends.ort_runner import OrtRunner, gpu_providers
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.fileio import write_json_atomic, write_with
@@ -35,6 +35,7 @@ from xpdeploy.verify.compare import top1
 from xpdeploy.verify.engines import (
     choose_precisions,
     engine_candidates,
+    ort_gpu_candidates,
     trt_runner_factory,
     verdict,
 )
@@ -110,6 +111,13 @@ def run(
                     baseline_name, baseline = base.file.rsplit("/", 1)[-1], ort(base)
                 plan.append(Candidate(name, ort(onnx_model), onnx_model.file, sources[label],
                                        baseline_name, baseline, fixed))
+        providers = gpu_providers()
+        last = simplified or exported
+        if providers and last is not None:
+            plan += ort_gpu_candidates(
+                [(m, ctx.path(m.file)) for m in last.models.values()], sources, ort_file, stack,
+                providers=providers, original_gates=cfg.engine_gates,
+                fixed=lambda m: None if m.dynamic_batch else ctx.spec.export_onnx.trace_batch)
         if engines is not None and engines.engines:
             from xpdeploy.engine.cuda_memory import load_backend
 

@@ -76,7 +76,7 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
     gates = evaluate_gates(gates_cfg, top1_delta=delta, agreement=cmp.agreement,
                            max_abs_diff=cmp.max_abs_diff, cosine=cmp.cosine, speedup=speedup,
                            synthetic=batch.synthetic)
-    if cfg.max_export_diff is not None and c.runner.name.startswith("ort"):
+    if cfg.max_export_diff is not None and c.runner.name.startswith("ort-cpu"):
         ok = source_diff <= cfg.max_export_diff
         gates.append(GateResult(
             name="max_export_diff", value=source_diff, limit=cfg.max_export_diff, passed=ok,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from xpdeploy.artifacts import CandidateResult, EngineSet, OnnxModel, ParityReport
-from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.backends.ort_runner import OrtRunner, gpu_providers
 from xpdeploy.bundle import BundleManifest, load_reference_logits, read_bundle
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.progress import log
@@ -34,6 +34,7 @@ from xpdeploy.verify.engines import (
     EngineRunnerFactory,
     choose_precisions,
     engine_candidates,
+    ort_gpu_candidates,
     trt_runner_factory,
     verdict,
 )
@@ -119,6 +120,13 @@ def verify_bundle(
             plan.append(Candidate(Path(model.file).name, ort(model), model.file,
                                   manifest.models[model.label], Path(base.file).name, ort(base),
                                   fixed))
+        providers = gpu_providers()
+        if providers:
+            group = manifest.onnx.get("simplify") or manifest.onnx["export_onnx"]
+            plan += ort_gpu_candidates(
+                [(m, manifest.path(m.file)) for m in group.models.values()], manifest.models,
+                ort_file, stack, providers=providers, original_gates=cfg.engine_gates,
+                fixed=lambda m: None if m.dynamic_batch else spec.export_onnx.trace_batch)
         if engines is not None and engines.engines:
             root = engines_root or manifest.path("")
             plan += engine_candidates(

@@ -23,6 +23,7 @@ from typing import Any
 from xpdeploy.artifacts import (
     CandidateResult,
     EngineSet,
+    OnnxModel,
     PrecisionChoice,
     TorchModel,
     TrtEngine,
@@ -92,6 +93,42 @@ def engine_candidates(
                  if e.source == "original" and e.precision != "fp32" else None)
         out.append(Candidate(Path(e.file).name, runner(e), e.file, sources[e.source], base_name,
                              base_runner, fixed_batch(e, batch_sizes, eval_batch), gates))
+    return out
+
+
+def ort_gpu_candidates(
+    models: list[tuple[OnnxModel, Path]],
+    sources: Mapping[str, TorchModel],
+    cpu_runner: Callable[[Path], Runner],
+    stack: contextlib.ExitStack,
+    *,
+    providers: list[str],
+    fixed: Callable[[OnnxModel], int | None],
+    make_runner: Callable[[Path, str, str], Runner] | None = None,
+    original_gates: GatesConfig | None = None,
+) -> list[Candidate]:
+    """ONNX files on onnxruntime's GPU providers, each timed against the same file on the CPU.
+
+    ``models``: (ONNX artifact, absolute path) pairs; ``providers``: from
+    :func:`~xpdeploy.backends.ort_runner.gpu_providers`. Candidates are named
+    "pruned.sim.onnx [cuda]". The original's files get ``original_gates`` (TF32 / fp16 kernels move
+    logits by more than the fp32 gates allow); the pruned model's keep ``pruned_gates``.
+    """
+    from xpdeploy.backends.ort_runner import OrtRunner
+
+    def default(path: Path, provider: str, input_name: str) -> Runner:
+        return OrtRunner(path, provider=provider, input_name=input_name)
+
+    make = make_runner or default
+    out = []
+    for provider in providers:
+        short = provider.removesuffix("ExecutionProvider").lower()
+        for model, path in models:
+            runner = stack.enter_context(make(path, provider, model.input_name))
+            gates = original_gates if model.label == "original" else None
+            out.append(Candidate(f"{path.name} [{short}]", runner, model.file,
+                                 sources[model.label], f"{path.name} [cpu]", cpu_runner(path),
+                                 fixed(model), gates))
     return out
 
 

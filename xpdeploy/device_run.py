@@ -7,7 +7,7 @@ reference logits, calibration batches. On the device, without torch, this module
 them, with the bundle's calibration batches for int8), verifies every ONNX file in onnxruntime and
 every engine in TensorRT against the reference logits, and writes the report, so a device run ends
 like a host run: ``parity.json``, ``report.json``, ``report.md``, plus ``engines.json`` and the
-plans, build logs and layer information under ``10_build_engine/``.
+plans, build logs and layer information under ``08_build_engine/``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from xpdeploy.progress import format_duration, log
 
 #: Stages a bundle can continue with, in order.
 DEVICE_STAGES: tuple[str, ...] = ("build_engine", "verify", "report")
-#: Where a device run writes engines, relative to its run folder (after the host's 09_verify).
-ENGINE_DIR = "10_build_engine"
+#: Where a device run writes engines, relative to its run folder (numbered as on the host).
+ENGINE_DIR = "08_build_engine"
 ENGINES_JSON = "engines.json"
 #: File name endings ``run`` treats as a bundle instead of a pipeline file.
 BUNDLE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
@@ -110,7 +110,7 @@ def run_bundle(tar: Path, run_dir: Path | None, stages: list[str]) -> DeviceResu
 
 
 def _build_engines(manifest: BundleManifest, root: Path, backend: Any) -> EngineSet:
-    """TensorRT engines of the bundle's models, written under ``root/10_build_engine``."""
+    """TensorRT engines of the bundle's models, written under ``root/08_build_engine``."""
     from xpdeploy.engine.engines import CalibrationSamples, build_engines, engine_sources
     from xpdeploy.fileio import write_json_atomic
     from xpdeploy.spec import BuildEngineConfig, load_spec

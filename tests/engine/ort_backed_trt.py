@@ -13,8 +13,10 @@ Whether a real TensorRT builds and runs these engines is the job of the ``gpu`` 
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import json
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +62,13 @@ def _onnx_io(path: str) -> tuple[str, tuple[int, ...], int]:
 
 
 def make_ort_backed_trt(
-    memory: MemoryBackend, version: str = "10.3.0.26"
+    memory: MemoryBackend | Callable[[], MemoryBackend], version: str = "10.3.0.26"
 ) -> tuple[types.ModuleType, list[tuple]]:
     """The stand-in module and the list recording our builder-side calls (see fake_trt).
 
     ``memory``: the backend whose stand-in device memory the engines read and write (the one our
-    code is handed as its CUDA backend). ``mod.builds`` lists one dict per build: ONNX path,
+    code is handed as its CUDA backend), or a function returning the current one (a pipeline
+    opens one backend per stage). ``mod.builds`` lists one dict per build: ONNX path,
     profile, builder flags, calibration batches pulled.
     """
     sc = Scenario(version=version)
@@ -124,6 +127,8 @@ def make_ort_backed_trt(
     mod.OnnxParser, mod.Builder, mod.Logger, mod.Runtime = OnnxParser, Builder, Logger, Runtime
     mod.TensorIOMode = TensorIOMode
     mod.builds = builds
+    # torch's dynamo probes importlib.util.find_spec("tensorrt"), which needs a spec.
+    mod.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     return mod, calls
 
 
@@ -140,7 +145,8 @@ def _calibrate(calibrator: Any) -> int:
 class OrtEngine:
     """A deserialised "plan": the tensor API (v3) of an engine over an onnxruntime session."""
 
-    def __init__(self, note: dict[str, Any], sc: Scenario, memory: MemoryBackend) -> None:
+    def __init__(self, note: dict[str, Any], sc: Scenario,
+                 memory: MemoryBackend | Callable[[], MemoryBackend]) -> None:
         import onnxruntime as ort
 
         self.note, self.sc, self.memory = note, sc, memory
@@ -208,6 +214,8 @@ class OrtContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         memory = self.engine.memory
+        if not isinstance(memory, MemoryBackend):
+            memory = memory()
         assert self.shape is not None
         n = int(np.prod(self.shape))
         x = memory.store[self.addresses[self.engine.input_name]][: n * 4].view(np.float32)

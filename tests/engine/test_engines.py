@@ -196,3 +196,44 @@ def test_device_info_slug_and_l4t(tmp_path: Path) -> None:
     release.write_text("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic\n")
     info = DeviceInfo.of(DeviceMemoryBackend("Orin (nvgpu)", "8.7"), release)
     assert info.l4t_release == "36.3.0" and info.slug == "orin-nvgpu-sm87"
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp16", "best"])
+def test_real_tensorrt_builds_verifies_and_reuses_engines(
+    bundled_run: BundledRun, tmp_path: Path, precision: str  # noqa: F811
+) -> None:
+    """On a GPU machine with TensorRT and a CUDA binding: the bundle's engines are really built
+    (weak or strong path by the installed version), run by TrtRunner, pass their gates, and a
+    second build with the same engine cache reuses every plan."""
+    from xpdeploy.data.calibration import load_npz
+    from xpdeploy.engine.cuda_memory import load_backend
+    from xpdeploy.spec import load_spec
+    from xpdeploy.verify.device import verify_bundle
+
+    manifest = open_bundle(bundled_run.tar, tmp_path / "run" / "bundle")
+    # The bundle's pipeline builds "best" with 2-image calibration batches; set the precision.
+    bundled = load_spec(manifest.path("pipeline.yaml")).build_engine
+    assert bundled is not None
+    cfg = bundled.model_copy(update={"precision": precision,
+                                     "engine_cache": tmp_path / "cache"})
+
+    batch = load_npz(manifest.path("calibration.npz"))
+    calibration = CalibrationSamples(batch.pixels, batch.manifest_sha256)
+    sources = engine_sources(manifest.onnx["simplify"], manifest.models, prefix="bundle/")
+    root = tmp_path / "run"
+    with load_backend() as backend:
+        first = build_engines(sources, cfg, root, root / "a", backend=backend,
+                              calibration=calibration)
+        again = build_engines(sources, cfg, root, root / "b", backend=backend,
+                              calibration=calibration)
+        assert all(not e.cache_hit for e in first.engines)
+        assert all(e.cache_hit for e in again.engines)
+        parity = verify_bundle(manifest, engines=first, engines_root=root, backend=backend,
+                               batch_sizes=[1], warmup=2, iters=10)
+    trt_results = [c for c in parity.candidates if c.runner.startswith("trt-")]
+    assert len(trt_results) == len(first.engines)
+    assert all(c.gpu_latency_ms and c.gpu_latency_ms[0].p50 > 0 for c in trt_results)
+    assert parity.passed, [(c.name, [g.detail for g in c.gates if not g.passed])
+                           for c in parity.candidates if not c.passed]

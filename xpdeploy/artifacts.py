@@ -268,6 +268,10 @@ class ParityReport(Artifact):
         default_factory=list, description="precision: best decisions; dropped candidates do not "
         "decide the verdict"
     )
+    temperatures_c: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="zone -> min/max/mean C and samples, read while the candidates were timed",
+    )
     passed: bool
 
     def files(self) -> list[str]:

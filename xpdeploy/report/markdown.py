@@ -275,6 +275,11 @@ def _environment_section(env: dict[str, Any] | None) -> list[str]:
         items.append(f"Libraries: {versions}")
     if env.get("jetson"):
         items.append(_jetson_line(env["jetson"]))
+    temps = env.get("temperatures_during_verify_c") or {}
+    if temps:
+        ranges = ", ".join(f"{_one_line(zone)} {t['min']:.0f}-{t['max']:.0f} C"
+                           for zone, t in temps.items())
+        items.append(f"Temperatures during verify: {ranges}")
     lines += [f"- {item}" for item in items]
     warnings = [w for w in env.get("warnings") or [] if w]
     if warnings:

@@ -109,6 +109,19 @@ def _candidate(c: CandidateResult, synthetic: bool) -> dict[str, Any]:
     }
 
 
+def _with_verify_temperatures(environment: Mapping[str, Any], parity: ParityReport
+                              ) -> dict[str, Any]:
+    """The environment plus the temperatures read during verify and their throttling warnings."""
+    env = dict(environment)
+    if parity.temperatures_c:
+        from xpdeploy.report.thermal import thermal_warnings
+
+        env["temperatures_during_verify_c"] = parity.temperatures_c
+        env["warnings"] = [*(env.get("warnings") or []),
+                           *thermal_warnings(parity.temperatures_c)]
+    return env
+
+
 def engines_section(engines: EngineSet | None, parity: ParityReport) -> dict[str, Any] | None:
     """The engines built for this report's candidates and the ``precision: best`` choices."""
     if engines is None or engines.deferred:
@@ -174,7 +187,7 @@ def build_report(
             "note": SYNTHETIC_NOTE if synthetic else None,
         },
         "threads": parity.threads,
-        "environment": dict(environment),
+        "environment": _with_verify_temperatures(environment, parity),
         "original": original,
         "candidates": [_candidate(c, synthetic) for c in parity.candidates],
         "engines": engines_section(engines, parity),

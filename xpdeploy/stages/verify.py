@@ -29,6 +29,7 @@ from xpdeploy.backends.ort_runner import OrtRunner, gpu_providers
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.fileio import write_json_atomic, write_with
+from xpdeploy.report.thermal import TemperatureSampler
 from xpdeploy.stages.context import StageContext
 from xpdeploy.verify.candidates import Candidate, evaluate_candidate
 from xpdeploy.verify.compare import top1
@@ -127,10 +128,11 @@ def run(
                 batch_sizes=list(cfg.batch_sizes), eval_batch=ctx.spec.data.batch_size,
                 make_runner=trt_runner_factory(backend),
                 reduced_precision_gates=cfg.engine_gates)
-        for c in plan:
-            results.append(evaluate_candidate(
-                c, batch, logits["original"], logits[c.source.label], ref_top1, cfg=cfg,
-                eval_batch_size=ctx.spec.data.batch_size, threads=threads))
+        with TemperatureSampler() as thermal:  # throttling shows in the report
+            for c in plan:
+                results.append(evaluate_candidate(
+                    c, batch, logits["original"], logits[c.source.label], ref_top1, cfg=cfg,
+                    eval_batch_size=ctx.spec.data.batch_size, threads=threads))
         original_name = original.name
     choices = choose_precisions(engines, results) if engines is not None else []
     path = ctx.stage_dir / "parity.json"
@@ -139,7 +141,8 @@ def run(
         original_name=model.label, original_runner=original_name,
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
-        threads=threads, candidates=results, choices=choices, passed=verdict(results, choices),
+        threads=threads, candidates=results, choices=choices,
+        temperatures_c=thermal.summary(), passed=verdict(results, choices),
     )
     write_json_atomic(path, report.model_dump(mode="json", exclude={"file"}))
     return {"parity": report}

@@ -27,6 +27,7 @@ from xpdeploy.backends.ort_runner import OrtRunner, gpu_providers
 from xpdeploy.bundle import BundleManifest, load_reference_logits, read_bundle
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.progress import log
+from xpdeploy.report.thermal import TemperatureSampler
 from xpdeploy.spec import VerifyConfig, load_spec
 from xpdeploy.verify.candidates import Candidate, evaluate_candidate
 from xpdeploy.verify.compare import top1
@@ -134,10 +135,11 @@ def verify_bundle(
                 batch_sizes=list(cfg.batch_sizes), eval_batch=spec.data.batch_size,
                 make_runner=make_runner or trt_runner_factory(backend),
                 reduced_precision_gates=cfg.engine_gates)
-        for c in plan:
-            results.append(evaluate_candidate(
-                c, batch, reference["original"], reference[c.source.label], ref_top1, cfg=cfg,
-                eval_batch_size=spec.data.batch_size, threads=threads))
+        with TemperatureSampler() as thermal:  # throttling shows in the report
+            for c in plan:
+                results.append(evaluate_candidate(
+                    c, batch, reference["original"], reference[c.source.label], ref_top1, cfg=cfg,
+                    eval_batch_size=spec.data.batch_size, threads=threads))
     choices = choose_precisions(engines, results) if engines is not None else []
     for choice in choices:
         log(f"  precision best, {choice.source} {choice.batch}: {choice.reason}")
@@ -148,5 +150,6 @@ def verify_bundle(
         original_top1=ref_top1, original_gmacs=original.gmacs,
         original_params_m=original.params_m, samples=len(batch), data_source=batch.source,
         synthetic=batch.synthetic, threads=threads, candidates=results, choices=choices,
+        temperatures_c=thermal.summary(),
         passed=verdict(results, choices),
     )

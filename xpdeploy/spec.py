@@ -377,7 +377,8 @@ class BuildEngineConfig(Section):
     engine_cache: Path | None = Field(
         None,
         description="folder of built engines reused when ONNX digest, TensorRT version, device, "
-        "precision, profiles and calibration digest all match; null: no reuse across runs",
+        "precision, profiles and calibration digest all match; null: the run folder's own "
+        "engine_cache/ (a rerun or resumed run reuses its plans; other runs do not)",
     )
     device: str | None = Field(None, description="e.g. 'orin-nano' (informational)")
     required: bool = Field(False, description="error (not a bundle) when TensorRT is absent")

@@ -237,3 +237,17 @@ def test_real_tensorrt_builds_verifies_and_reuses_engines(
     assert all(c.gpu_latency_ms and c.gpu_latency_ms[0].p50 > 0 for c in trt_results)
     assert parity.passed, [(c.name, [g.detail for g in c.gates if not g.passed])
                            for c in parity.candidates if not c.passed]
+
+
+def test_a_rerun_in_the_same_run_folder_reuses_its_plans(bundled_run: BundledRun,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    """No engine_cache configured: the run folder's own cache still saves a resumed build."""
+    _, sources, _ = _setup(bundled_run, tmp_path)
+    backend = DeviceMemoryBackend()
+    trt, _ = make_ort_backed_trt(backend)
+    cfg = BuildEngineConfig(precision="fp16")
+    for _ in range(2):
+        out = build_engines(sources, cfg, tmp_path, tmp_path / "e", backend=backend,
+                            trt_module=trt, say=lambda m: None)
+    assert len(trt.builds) == 2 and all(e.cache_hit for e in out.engines)
+    assert (tmp_path / "engine_cache").is_dir()

@@ -46,6 +46,8 @@ from xpdeploy.fileio import sha256_file, write_bytes_atomic, write_text_atomic
 from xpdeploy.progress import format_duration, log
 from xpdeploy.spec import BuildEngineConfig
 
+#: The engine cache of a run folder when the pipeline names none (relative to the run folder).
+RUN_CACHE = "engine_cache"
 #: Images the host step's parity check runs (fp16 cast / Q/DQ graph vs the fp32 graph).
 HOST_PARITY_IMAGES = 8
 #: host_precision's calibration method for each implicit-calibrator kind of the config.
@@ -129,7 +131,9 @@ def build_engines(
             f"precision {cfg.precision} builds an int8 engine, which needs calibration images: "
             "set build_engine.calibration to a manifest (xpdeploy calib make)"
         )
-    cache = EngineCache(cfg.engine_cache) if cfg.engine_cache else None
+    # Without a configured cache, plans are still kept under the run folder, so a build that was
+    # interrupted (or a device run started again) does not rebuild what it already finished.
+    cache = EngineCache(cfg.engine_cache or root / RUN_CACHE)
     timing_cache = cfg.timing_cache or out_dir / f"timing-{device.slug}-trt{version}.cache"
     l4t = f", L4T {device.l4t_release}" if device.l4t_release else ""
     say(f"  TensorRT {trt.__version__} ({path}ly typed path) on {device.name} "
@@ -200,7 +204,7 @@ def _one_engine(
     root: Path,
     out_dir: Path,
     device: DeviceInfo,
-    cache: EngineCache | None,
+    cache: EngineCache,
     timing_cache: Path,
     calibration: CalibrationSamples | None,
     cfg: BuildEngineConfig,
@@ -227,7 +231,7 @@ def _one_engine(
         file=plan_path.relative_to(root).as_posix(), batch_min=p.min[0], batch_opt=p.opt[0],
         batch_max=p.max[0], host_step=host_step,
     )
-    cached = cache.lookup(key) if cache is not None else None
+    cached = cache.lookup(key)
     if cached is not None:
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, plan_path)
@@ -268,8 +272,7 @@ def _one_engine(
                 "attention_blocks": result.attention_blocks,
                 "layernorm_layers_pinned": result.layernorm_layers_pinned,
                 "warnings": result.warnings, "build_s": build_s}
-    if cache is not None:
-        cache.store(key, result.plan, metadata)
+    cache.store(key, result.plan, metadata)
     return TrtEngine(**common, cache_hit=False, build_s=build_s,
                      fused_attention_kernels=result.fused_attention_kernels,
                      attention_blocks=result.attention_blocks,

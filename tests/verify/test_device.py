@@ -62,13 +62,14 @@ def test_onnxruntime_gpu_providers_become_extra_candidates(
     from xpdeploy.backends import ort_runner
     from xpdeploy.bundle import open_bundle
     from xpdeploy.verify import device
+    from xpdeploy.verify import engines as verify_engines
 
     class DisguisedRunner(ort_runner.OrtRunner):
         def __init__(self, path, *, provider="CPUExecutionProvider", **kw) -> None:
             super().__init__(path, **kw)
             self.name = f"ort-{provider.removesuffix('ExecutionProvider').lower()}-fp32"
 
-    monkeypatch.setattr(device, "gpu_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(verify_engines, "gpu_providers", lambda: ["CUDAExecutionProvider"])
     monkeypatch.setattr(ort_runner, "OrtRunner", DisguisedRunner)
     open_bundle(bundled_run.tar, tmp_path / "dev")
     report = device.verify_bundle(tmp_path / "dev", threads=1, batch_sizes=[1], warmup=0,

@@ -88,8 +88,8 @@ class EngineCache:
         """Where ``key``'s plan lives (16 hex digits of the digest; collisions are caught)."""
         return self.root / key.digest()[:16]
 
-    def lookup(self, key: EngineKey) -> Path | None:
-        """The stored plan for exactly ``key``, or None.
+    def find(self, key: EngineKey) -> tuple[Path, dict[str, Any]] | None:
+        """The stored plan for exactly ``key`` and the metadata stored with it, or None.
 
         None as well when the metadata is missing or unreadable, when its key differs from ``key``
         in any field, or when the plan's sha256 differs from the one recorded (a damaged file).
@@ -100,13 +100,19 @@ class EngineCache:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             stored = EngineKey.from_json(meta["key"])
             recorded_sha = str(meta["plan_sha256"])
+            metadata = dict(meta.get("metadata") or {})
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if stored != key or not plan.is_file():
             return None
         if sha256_file(plan) != recorded_sha:
             return None
-        return plan
+        return plan, metadata
+
+    def lookup(self, key: EngineKey) -> Path | None:
+        """The stored plan for exactly ``key``, or None (see :meth:`find`)."""
+        found = self.find(key)
+        return found[0] if found is not None else None
 
     def store(self, key: EngineKey, plan_bytes: bytes, metadata: Mapping[str, Any]) -> Path:
         """Save ``plan_bytes`` under ``key`` (replacing what was there); returns the plan's path.

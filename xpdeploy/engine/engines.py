@@ -22,7 +22,6 @@ recording stand-ins; on a real device they are the installed packages.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -37,7 +36,7 @@ import numpy as np
 from xpdeploy.artifacts import EngineSet, OnnxModels, TorchModel, TrtEngine
 from xpdeploy.engine import host_precision
 from xpdeploy.engine.builder import build_engine
-from xpdeploy.engine.cache import META_NAME, EngineCache, EngineKey
+from xpdeploy.engine.cache import EngineCache, EngineKey
 from xpdeploy.engine.calibrator import CalibrationBatches, make_calibrator
 from xpdeploy.engine.settings import BuildSettings, BuiltPrecision, build_precisions, plan_builds
 from xpdeploy.engine.versions import TrtVersion, build_path, import_tensorrt, l4t_release
@@ -231,11 +230,11 @@ def _one_engine(
         file=plan_path.relative_to(root).as_posix(), batch_min=p.min[0], batch_opt=p.opt[0],
         batch_max=p.max[0], host_step=host_step,
     )
-    cached = cache.lookup(key)
-    if cached is not None:
+    found = cache.find(key)
+    if found is not None:
+        cached, meta = found
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, plan_path)
-        meta = _cached_metadata(cached)
         say(f"  {name}: reused from the engine cache {cached.parent}")
         return TrtEngine(**common, cache_hit=True, build_s=0.0,
                          fused_attention_kernels=meta.get("fused_attention_kernels"),
@@ -280,14 +279,6 @@ def _one_engine(
                      log_file=log_path.relative_to(root).as_posix(),
                      layers_file=layers_path.relative_to(root).as_posix(),
                      warnings=result.warnings)
-
-
-def _cached_metadata(plan: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((plan.parent / META_NAME).read_text(encoding="utf-8"))
-        return dict(meta.get("metadata", {}))
-    except (OSError, ValueError):
-        return {}
 
 
 def engine_sources(

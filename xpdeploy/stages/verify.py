@@ -17,7 +17,6 @@ import numpy as np
 
 from xpdeploy.artifacts import (
     Artifact,
-    CandidateResult,
     EngineSet,
     OnnxModel,
     OnnxModels,
@@ -25,18 +24,17 @@ from xpdeploy.artifacts import (
     TorchModel,
     VerifySet,
 )
-from xpdeploy.backends.ort_runner import OrtRunner, gpu_providers
+from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.fileio import write_json_atomic, write_with
-from xpdeploy.report.thermal import TemperatureSampler
 from xpdeploy.stages.context import StageContext
-from xpdeploy.verify.candidates import Candidate, evaluate_candidate
+from xpdeploy.verify.candidates import Candidate, evaluate_plan
 from xpdeploy.verify.compare import top1
 from xpdeploy.verify.engines import (
+    EngineRunnerFactory,
+    accelerator_candidates,
     choose_precisions,
-    engine_candidates,
-    ort_gpu_candidates,
     trt_runner_factory,
     verdict,
 )
@@ -75,7 +73,6 @@ def run(
     threads = cfg.threads or len(os.sched_getaffinity(0))
     batch = load_verify_set(ctx.path(verify_set.file))
     sources = {m.label: m for m in (model, pruned) if m is not None}
-    results: list[CandidateResult] = []
     with contextlib.ExitStack() as stack:
         torch_runners = {label: stack.enter_context(TorchRunner(m, ctx.run_dir, threads=threads))
                          for label, m in sources.items()}
@@ -112,27 +109,21 @@ def run(
                     baseline_name, baseline = base.file.rsplit("/", 1)[-1], ort(base)
                 plan.append(Candidate(name, ort(onnx_model), onnx_model.file, sources[label],
                                        baseline_name, baseline, fixed))
-        providers = gpu_providers()
         last = simplified or exported
-        if providers and last is not None:
-            plan += ort_gpu_candidates(
-                [(m, ctx.path(m.file)) for m in last.models.values()], sources, ort_file, stack,
-                providers=providers, original_gates=cfg.engine_gates,
-                fixed=lambda m: None if m.dynamic_batch else ctx.spec.export_onnx.trace_batch)
-        if engines is not None and engines.engines:
+
+        def engine_runners() -> EngineRunnerFactory:
             from xpdeploy.engine.cuda_memory import load_backend
 
-            backend = stack.enter_context(load_backend())
-            plan += engine_candidates(
-                engines, ctx.run_dir, sources, lambda f: ort_file(ctx.path(f)), stack,
-                batch_sizes=list(cfg.batch_sizes), eval_batch=ctx.spec.data.batch_size,
-                make_runner=trt_runner_factory(backend),
-                reduced_precision_gates=cfg.engine_gates)
-        with TemperatureSampler() as thermal:  # throttling shows in the report
-            for c in plan:
-                results.append(evaluate_candidate(
-                    c, batch, logits["original"], logits[c.source.label], ref_top1, cfg=cfg,
-                    eval_batch_size=ctx.spec.data.batch_size, threads=threads))
+            return trt_runner_factory(stack.enter_context(load_backend()))
+
+        plan += accelerator_candidates(
+            [(m, ctx.path(m.file)) for m in last.models.values()] if last else [], sources,
+            ort_file, stack, cfg=cfg, trace_batch=ctx.spec.export_onnx.trace_batch,
+            eval_batch=ctx.spec.data.batch_size, engines=engines, engines_root=ctx.run_dir,
+            engine_runners=engine_runners)
+        results, temperatures = evaluate_plan(
+            plan, batch, logits, ref_top1, cfg=cfg, eval_batch_size=ctx.spec.data.batch_size,
+            threads=threads)
         original_name = original.name
     choices = choose_precisions(engines, results) if engines is not None else []
     path = ctx.stage_dir / "parity.json"
@@ -142,7 +133,7 @@ def run(
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
         threads=threads, candidates=results, choices=choices,
-        temperatures_c=thermal.summary(), passed=verdict(results, choices),
+        temperatures_c=temperatures, passed=verdict(results, choices),
     )
     write_json_atomic(path, report.model_dump(mode="json", exclude={"file"}))
     return {"parity": report}

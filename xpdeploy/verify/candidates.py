@@ -10,6 +10,7 @@ import numpy as np
 from xpdeploy.artifacts import CandidateResult, GateResult, TorchModel
 from xpdeploy.data.verify_set import VerifyBatch
 from xpdeploy.progress import log
+from xpdeploy.report.thermal import TemperatureSampler
 from xpdeploy.spec import GatesConfig, VerifyConfig
 from xpdeploy.verify.compare import compare_logits, top1
 from xpdeploy.verify.gates import evaluate_gates
@@ -96,3 +97,24 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
         + ", ".join(f"b{b} {s:.2f}x" for b, s in speedup.items())
         + (": passed" if result.passed else ": FAILED"))
     return result
+
+
+def evaluate_plan(
+    plan: list[Candidate],
+    batch: VerifyBatch,
+    reference: dict[str, np.ndarray],
+    ref_top1: float | None,
+    *,
+    cfg: VerifyConfig,
+    eval_batch_size: int,
+    threads: int,
+) -> tuple[list[CandidateResult], dict[str, dict[str, float]]]:
+    """Evaluate every candidate of ``plan`` in order while temperatures are sampled (throttling
+    shows in the report). ``reference``: torch logits per source label ("original" first of all).
+    Returns the results and :meth:`TemperatureSampler.summary` (degrees C per zone)."""
+    with TemperatureSampler() as thermal:
+        results = [evaluate_candidate(c, batch, reference["original"], reference[c.source.label],
+                                      ref_top1, cfg=cfg, eval_batch_size=eval_batch_size,
+                                      threads=threads)
+                   for c in plan]
+    return results, thermal.summary()

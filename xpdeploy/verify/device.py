@@ -22,20 +22,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xpdeploy.artifacts import CandidateResult, EngineSet, OnnxModel, ParityReport
-from xpdeploy.backends.ort_runner import OrtRunner, gpu_providers
+from xpdeploy.artifacts import EngineSet, OnnxModel, ParityReport
+from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.bundle import BundleManifest, load_reference_logits, read_bundle
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.progress import log
-from xpdeploy.report.thermal import TemperatureSampler
 from xpdeploy.spec import VerifyConfig, load_spec
-from xpdeploy.verify.candidates import Candidate, evaluate_candidate
+from xpdeploy.verify.candidates import Candidate, evaluate_plan
 from xpdeploy.verify.compare import top1
 from xpdeploy.verify.engines import (
     EngineRunnerFactory,
+    accelerator_candidates,
     choose_precisions,
-    engine_candidates,
-    ort_gpu_candidates,
     trt_runner_factory,
     verdict,
 )
@@ -102,7 +100,6 @@ def verify_bundle(
     batch = load_verify_set(manifest.path(manifest.verify_set.file))
     reference = load_reference_logits(manifest)
     ref_top1 = None if batch.synthetic else top1(reference["original"], batch.labels)
-    results: list[CandidateResult] = []
     with contextlib.ExitStack() as stack:
         runners: dict[Path, OrtRunner] = {}
 
@@ -121,25 +118,16 @@ def verify_bundle(
             plan.append(Candidate(Path(model.file).name, ort(model), model.file,
                                   manifest.models[model.label], Path(base.file).name, ort(base),
                                   fixed))
-        providers = gpu_providers()
-        if providers:
-            group = manifest.onnx.get("simplify") or manifest.onnx["export_onnx"]
-            plan += ort_gpu_candidates(
-                [(m, manifest.path(m.file)) for m in group.models.values()], manifest.models,
-                ort_file, stack, providers=providers, original_gates=cfg.engine_gates,
-                fixed=lambda m: None if m.dynamic_batch else spec.export_onnx.trace_batch)
-        if engines is not None and engines.engines:
-            root = engines_root or manifest.path("")
-            plan += engine_candidates(
-                engines, root, manifest.models, lambda f: ort_file(root / f), stack,
-                batch_sizes=list(cfg.batch_sizes), eval_batch=spec.data.batch_size,
-                make_runner=make_runner or trt_runner_factory(backend),
-                reduced_precision_gates=cfg.engine_gates)
-        with TemperatureSampler() as thermal:  # throttling shows in the report
-            for c in plan:
-                results.append(evaluate_candidate(
-                    c, batch, reference["original"], reference[c.source.label], ref_top1, cfg=cfg,
-                    eval_batch_size=spec.data.batch_size, threads=threads))
+        group = manifest.onnx.get("simplify") or manifest.onnx["export_onnx"]
+        plan += accelerator_candidates(
+            [(m, manifest.path(m.file)) for m in group.models.values()], manifest.models,
+            ort_file, stack, cfg=cfg, trace_batch=spec.export_onnx.trace_batch,
+            eval_batch=spec.data.batch_size, engines=engines,
+            engines_root=engines_root or manifest.path(""),
+            engine_runners=lambda: make_runner or trt_runner_factory(backend))
+        results, temperatures = evaluate_plan(
+            plan, batch, reference, ref_top1, cfg=cfg, eval_batch_size=spec.data.batch_size,
+            threads=threads)
     choices = choose_precisions(engines, results) if engines is not None else []
     for choice in choices:
         log(f"  precision best, {choice.source} {choice.batch}: {choice.reason}")
@@ -150,6 +138,6 @@ def verify_bundle(
         original_top1=ref_top1, original_gmacs=original.gmacs,
         original_params_m=original.params_m, samples=len(batch), data_source=batch.source,
         synthetic=batch.synthetic, threads=threads, candidates=results, choices=choices,
-        temperatures_c=thermal.summary(),
+        temperatures_c=temperatures,
         passed=verdict(results, choices),
     )

@@ -28,7 +28,8 @@ from xpdeploy.artifacts import (
     TorchModel,
     TrtEngine,
 )
-from xpdeploy.spec import GatesConfig
+from xpdeploy.backends.ort_runner import gpu_providers
+from xpdeploy.spec import GatesConfig, VerifyConfig
 from xpdeploy.verify.candidates import Candidate
 from xpdeploy.verify.latency import Runner
 
@@ -130,6 +131,42 @@ def ort_gpu_candidates(
                                  sources[model.label], f"{path.name} [cpu]", cpu_runner(path),
                                  fixed(model), gates))
     return out
+
+
+def accelerator_candidates(
+    onnx_files: list[tuple[OnnxModel, Path]],
+    sources: Mapping[str, TorchModel],
+    ort_file: Callable[[Path], Runner],
+    stack: contextlib.ExitStack,
+    *,
+    cfg: VerifyConfig,
+    trace_batch: int,
+    eval_batch: int,
+    engines: EngineSet | None,
+    engines_root: Path,
+    engine_runners: Callable[[], EngineRunnerFactory],
+) -> list[Candidate]:
+    """Every GPU candidate of a verify run, host or device: ``onnx_files`` (the last ONNX group,
+    absolute paths) on onnxruntime's GPU providers when it has any, and every engine of
+    ``engines`` (paths relative to ``engines_root``).
+
+    ``ort_file(path)``: the entered CPU onnxruntime runner of an ONNX file (the baselines);
+    ``engine_runners()``: called only when there are engines, so a host without TensorRT never
+    loads a CUDA binding. ``trace_batch``: the batch of static-batch ONNX files (images).
+    """
+    plan: list[Candidate] = []
+    providers = gpu_providers()
+    if providers and onnx_files:
+        plan += ort_gpu_candidates(
+            onnx_files, sources, ort_file, stack, providers=providers,
+            original_gates=cfg.engine_gates,
+            fixed=lambda m: None if m.dynamic_batch else trace_batch)
+    if engines is not None and engines.engines:
+        plan += engine_candidates(
+            engines, engines_root, sources, lambda f: ort_file(engines_root / f), stack,
+            batch_sizes=list(cfg.batch_sizes), eval_batch=eval_batch,
+            make_runner=engine_runners(), reduced_precision_gates=cfg.engine_gates)
+    return plan
 
 
 def _batch_part(label: str) -> str:

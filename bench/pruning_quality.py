@@ -35,7 +35,7 @@ from xpdeploy.models.macs import count_gmacs
 from xpdeploy.prune import criteria
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
-from xpdeploy.prune.surgery import prune_vit
+from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.threshold import threshold_search
 from xpdeploy.spec import (
     DataConfigSection,
@@ -161,7 +161,7 @@ def main() -> None:
             keep = plan_global(scores, macs, target, constraints, "type")
         plan_seconds = time.monotonic() - t0
         if keep is not None:
-            prune_vit(model, keep)
+            prune_model(model, keep)
             heads, mlp = keep.head_counts, keep.mlp_widths
         else:
             heads, mlp = extra["peer"]["num_heads_per_block"], extra["peer"]["mlp_per_block"]

@@ -21,7 +21,7 @@ from xpdeploy.models.macs import count_gmacs
 from xpdeploy.models.units import gated_units
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
-from xpdeploy.prune.surgery import apply_block_shapes, hard_gates, prune_vit
+from xpdeploy.prune.surgery import apply_block_shapes, hard_gates, prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
 
 INPUT = (3, 16, 16)
@@ -66,7 +66,7 @@ def _gated_logits(model: torch.nn.Module, keep: KeepSets, x: torch.Tensor) -> to
 def test_pruned_equals_hard_gated_twin(key: str) -> None:
     model, x = _create(key), _pixels()
     gated = _gated_logits(model, UNEVEN, x)
-    pruned = prune_vit(model, UNEVEN)
+    pruned = prune_model(model, UNEVEN)
     with torch.inference_mode():
         out = pruned(x)
     assert out.shape == (4, 10), "eval keeps the timm head semantics (distilled: mean of heads)"
@@ -91,7 +91,7 @@ def test_pruned_equals_gated_with_plain_attention_and_planner_plan() -> None:
     keep = plan_global(scores, macs, macs.original * 0.5, PlanConstraints())
     gated = _gated_logits(model, keep, x)
     with torch.inference_mode():
-        out = prune_vit(model, keep)(x)
+        out = prune_model(model, keep)(x)
     assert (out - gated).abs().max().item() <= 1e-5
     assert all(not b.attn.fused_attn for b in model.blocks)
 
@@ -100,7 +100,7 @@ def test_pruned_equals_gated_with_plain_attention_and_planner_plan() -> None:
 def test_predicted_macs_equal_counted(key: str) -> None:
     model = _create(key)
     macs = MacModel.from_model(model, INPUT)
-    pruned = prune_vit(model, UNEVEN)
+    pruned = prune_model(model, UNEVEN)
     counted = count_gmacs(pruned, INPUT) * 1e9
     predicted = macs.macs(UNEVEN.head_counts, UNEVEN.mlp_widths)
     assert round(counted) == predicted and abs(counted - predicted) < 1e-3
@@ -109,7 +109,7 @@ def test_predicted_macs_equal_counted(key: str) -> None:
 @pytest.mark.parametrize("key", ["distilled", "vit_qknorm"])
 def test_rebuild_from_arch_and_safetensors(key: str, tmp_path: Path) -> None:
     name, kwargs = MODELS[key]
-    pruned, x = prune_vit(_create(key), UNEVEN), _pixels()
+    pruned, x = prune_model(_create(key), UNEVEN), _pixels()
     arch = describe_arch(pruned, name, kwargs)
     _, weights = save_model(pruned, arch, tmp_path)
     fresh = timm.create_model(name, pretrained=False, **arch.kwargs)
@@ -134,13 +134,13 @@ def test_extreme_plan_runs_and_matches() -> None:
     model, x = _create("distilled"), _pixels(3)
     gated = _gated_logits(model, keep, x)
     with torch.inference_mode():
-        out = prune_vit(model, keep)(x)
+        out = prune_model(model, keep)(x)
     assert out.shape == (3, 10) and torch.isfinite(out).all()
     assert (out - gated).abs().max().item() <= 1e-5
 
 
 def test_uneven_heads_export_to_onnx(tmp_path: Path) -> None:
-    model = prune_vit(_create("distilled"), UNEVEN)
+    model = prune_model(_create("distilled"), UNEVEN)
     path = tmp_path / "pruned.onnx"
     export_onnx(model, path, input_size=INPUT, opset=17, trace_batch=2, dynamic_batch=True)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
@@ -162,7 +162,7 @@ def test_hard_gates_accept_shapes_and_counts() -> None:
 def test_training_state_and_grad_flags_are_kept() -> None:
     model = _create("deit").train()
     model.blocks[0].mlp.fc1.weight.requires_grad_(False)
-    prune_vit(model, UNEVEN)
+    prune_model(model, UNEVEN)
     assert model.blocks[0].attn.training and model.blocks[0].mlp.fc1.training
     assert not model.blocks[0].mlp.fc1.weight.requires_grad
     assert model.blocks[0].mlp.fc1.bias.requires_grad
@@ -171,14 +171,14 @@ def test_training_state_and_grad_flags_are_kept() -> None:
 def test_plan_that_does_not_fit_raises() -> None:
     model = _create("deit")
     with pytest.raises(PruneError, match="blocks"):
-        prune_vit(model, KeepSets(heads=UNEVEN.heads[:2], neurons=UNEVEN.neurons[:2]))
+        prune_model(model, KeepSets(heads=UNEVEN.heads[:2], neurons=UNEVEN.neurons[:2]))
     bad = KeepSets(heads=[np.array([0, 4]), *UNEVEN.heads[1:]], neurons=UNEVEN.neurons)
     with pytest.raises(PruneError, match=r"\[0, 4\)"):
-        prune_vit(model, bad)
+        prune_model(model, bad)
     empty = KeepSets(heads=[np.array([], dtype=np.int64), *UNEVEN.heads[1:]],
                      neurons=UNEVEN.neurons)
     with pytest.raises(PruneError, match="keeps no heads"):
-        prune_vit(model, empty)
+        prune_model(model, empty)
     shapes = describe_arch(model, *MODELS["deit"]).blocks
     with pytest.raises(PruneError, match="head_dim"):
         apply_block_shapes(model, [shapes[0].model_copy(update={"head_dim": 4}), *shapes[1:]])
@@ -189,4 +189,4 @@ def test_mlp_norm_is_unsupported() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, scale_mlp_norm=True,
                               **BASE)
     with pytest.raises(PruneError, match="MLP has a norm"):
-        prune_vit(model, UNEVEN)
+        prune_model(model, UNEVEN)

@@ -13,22 +13,24 @@ from typing import TYPE_CHECKING, Any
 from xpdeploy.artifacts import ArchSpec, BlockShape
 from xpdeploy.errors import ModelError
 from xpdeploy.fileio import write_text_atomic, write_with
+from xpdeploy.models.units import head_dim_of, transformer_blocks
 
 if TYPE_CHECKING:
     from torch import nn
 
 
 def describe_arch(model: nn.Module, timm_name: str, kwargs: dict[str, Any]) -> ArchSpec:
-    """Read the prunable structure (heads, head_dim, MLP width per block) off a timm ViT."""
+    """Read the prunable structure (heads, head_dim, MLP width per block) off a timm ViT or
+    Swin (every stage's blocks in order; blocks without heads + an MLP are left out)."""
     blocks = []
-    for block in getattr(model, "blocks", []):
+    for _stage, block in transformer_blocks(model):
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         if attn is None or mlp is None or not hasattr(attn, "num_heads"):
             continue
         blocks.append(
             BlockShape(
                 heads=int(attn.num_heads),
-                head_dim=int(attn.head_dim),
+                head_dim=head_dim_of(attn),
                 mlp_hidden=int(mlp.fc1.out_features),
             )
         )

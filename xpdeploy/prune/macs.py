@@ -1,9 +1,12 @@
-"""Exact MACs of a ViT as a linear function of each block's head count and MLP width.
+"""Exact MACs of a ViT or Swin as a linear function of each block's head count and MLP width.
 
-For a block with N tokens, embedding width D, h heads of width d and an MLP of width m:
-qkv N*D*3hd, QK^T N*N*hd, AV N*N*hd, proj N*hd*D, fc1 N*D*m, fc2 N*m*D. So a head costs
-d*N*(4D + 2N) MACs and a neuron 2*N*D, whatever else the block keeps, and the planner can predict
-a pruned model's MACs exactly. Everything outside the blocks (patch embedding, heads of the
+Attention runs on W windows of A tokens each (a ViT: one window of all N tokens; a Swin: its
+(padded) feature map cut into windows, shifted or not, which changes the mask, not the MACs). For
+a block of width D with h heads of width d and an MLP of width m over T tokens: qkv W*A*D*3hd,
+QK^T W*A*A*hd, AV W*A*A*hd, proj W*A*hd*D, fc1 T*D*m, fc2 T*m*D. So a head costs
+d*W*A*(4D + 2A) MACs and a neuron 2*T*D, whatever else the block keeps, and the planner can
+predict a pruned model's MACs exactly. W, A and T are read off one forward pass (hooks on the
+attention and the MLP). Everything outside the blocks (patch embedding, patch merging, the
 classifier) is a constant measured once with the same counter as :func:`count_gmacs`.
 """
 
@@ -37,9 +40,21 @@ class MacModel:
         import torch
 
         sites = unit_sites(model)
-        tokens: list[int] = []
-        hooks = [s.attn.register_forward_pre_hook(
-            lambda _m, a: tokens.append(int(a[0].shape[1]))) for s in sites]
+        windows: dict[int, tuple[int, int]] = {}  # block -> (windows, tokens per window)
+        tokens: dict[int, int] = {}  # block -> tokens through the MLP
+
+        def on_attn(i: int):  # a pre-hook must return None, or it replaces the inputs
+            def hook(_m: nn.Module, a: tuple[torch.Tensor, ...]) -> None:
+                windows[i] = (int(a[0].shape[0]), int(a[0].shape[1]))
+            return hook
+
+        def on_mlp(i: int):
+            def hook(_m: nn.Module, a: tuple[torch.Tensor, ...]) -> None:
+                tokens[i] = a[0].numel() // int(a[0].shape[-1])
+            return hook
+
+        hooks = [h for s in sites for h in (s.attn.register_forward_pre_hook(on_attn(s.index)),
+                                            s.mlp.register_forward_pre_hook(on_mlp(s.index)))]
         try:
             with torch.inference_mode():
                 model.eval()(torch.zeros(1, *input_size))
@@ -47,10 +62,12 @@ class MacModel:
             for h in hooks:
                 h.remove()
         head_cost, neuron_cost = [], []
-        for site, n in zip(sites, tokens, strict=True):
-            dim = int(site.attn.qkv.in_features)
-            head_cost.append(float(site.head_dim * n * (4 * dim + 2 * n)))
-            neuron_cost.append(float(2 * n * dim))
+        for site in sites:
+            w, a = windows[site.index]
+            d_in, d_out = int(site.attn.qkv.in_features), int(site.attn.proj.out_features)
+            head_cost.append(float(site.head_dim * w * a * (3 * d_in + d_out + 2 * a)))
+            d_in, d_out = int(site.mlp.fc1.in_features), int(site.mlp.fc2.out_features)
+            neuron_cost.append(float(tokens[site.index] * (d_in + d_out)))
         heads = tuple(s.heads for s in sites)
         mlp = tuple(s.mlp_hidden for s in sites)
         total = count_gmacs(model, input_size) * 1e9

@@ -1,11 +1,13 @@
-"""Physical pruning of a timm ViT (method.md, "Stage 3: surgery"), and rebuilding its shape.
+"""Physical pruning of a timm ViT or Swin (method.md, "Stage 3: surgery"), and rebuilding its shape.
 
-A pruned block is an ordinary timm block whose ``attn`` is a ``timm.layers.Attention`` with fewer
-heads of the **original** head_dim (``attn_head_dim``; the softmax scale ``head_dim**-0.5`` stays
-the original's, and TensorRT's fused attention stays usable) and whose ``mlp.fc1`` / ``mlp.fc2``
-are narrower ``nn.Linear``. Submodules are replaced, ``forward`` never is, so a pruned model is
-rebuilt from ``arch.json`` (:func:`apply_block_shapes` on a fresh model) and loaded strictly, and
-it exports to ONNX through the same path as the original.
+A pruned block is an ordinary timm block whose ``attn`` is a ``timm.layers.Attention`` (ViT) or a
+Swin ``WindowAttention`` with fewer heads of the **original** head_dim (the softmax scale
+``head_dim**-0.5`` stays the original's, and TensorRT's fused attention stays usable) and whose
+``mlp.fc1`` / ``mlp.fc2`` are narrower ``nn.Linear``. A Swin head also owns its column of the
+relative position bias table ((2W-1)^2, heads); the index buffer does not depend on the heads.
+Submodules are replaced, ``forward`` never is, so a pruned model is rebuilt from ``arch.json``
+(:func:`apply_block_shapes` on a fresh model) and loaded strictly, and it exports to ONNX through
+the same path as the original.
 
 Invariant (tested): with hard 0/1 gates (:func:`hard_gates` + ``gated_units``) the gated model and
 the pruned one give the same logits.
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from xpdeploy.errors import PruneError
-from xpdeploy.models.units import GateFn, UnitSite, unit_sites
+from xpdeploy.models.units import GateFn, UnitSite, head_dim_of, unit_sites
 from xpdeploy.prune.units import KeepSets
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     )
 
 
-def prune_vit(model: nn.Module, keep: KeepSets) -> nn.Module:
+def prune_model(model: nn.Module, keep: KeepSets) -> nn.Module:
     """Keep only ``keep``'s heads and MLP neurons in every block, in place; returns ``model``.
 
     Blocks (or unit types) that keep everything in the original order are left untouched. Raises
@@ -120,11 +122,20 @@ def _timm_attention() -> type[nn.Module]:
     return Attention
 
 
+def _timm_window_attention() -> type[nn.Module]:
+    from timm.models.swin_transformer import WindowAttention
+
+    return WindowAttention
+
+
 def _check_attention(site: UnitSite) -> None:
     attn = site.attn
+    if type(attn) is _timm_window_attention():
+        return  # Swin v1: per-head state is qkv rows, proj columns and the bias table column
     if type(attn) is not _timm_attention():
         raise PruneError(f"block {site.index}: attention is {type(attn).__name__}, not timm's "
-                         "Attention; head pruning supports timm's VisionTransformer family")
+                         "Attention or Swin WindowAttention; head pruning supports timm's "
+                         "VisionTransformer and SwinTransformer (v1) families")
     if not isinstance(attn.norm, nn.Identity):
         raise PruneError(f"block {site.index}: attention has an output norm (scale_attn_norm) "
                          "over all heads; pruning heads would change it (unsupported)")
@@ -145,6 +156,21 @@ def _attention_like(old: nn.Module, num_heads: int) -> nn.Module:
     fused_attn, train mode) with ``num_heads`` heads. qk-norm modules act per head over head_dim,
     so they are shared with ``old`` as they are (their parameters do not depend on the heads)."""
     w = old.qkv.weight
+    if type(old) is _timm_window_attention():
+        new = _timm_window_attention()(
+            int(old.qkv.in_features),
+            num_heads=num_heads,
+            head_dim=head_dim_of(old),
+            window_size=old.window_size,
+            qkv_bias=old.qkv.bias is not None,
+            attn_drop=float(old.attn_drop.p),
+            proj_drop=float(old.proj_drop.p),
+            device=w.device,
+            dtype=w.dtype,
+        )
+        new.fused_attn = old.fused_attn
+        new.train(old.training)
+        return new
     new = _timm_attention()(
         int(old.qkv.in_features),
         num_heads=num_heads,
@@ -165,8 +191,10 @@ def _attention_like(old: nn.Module, num_heads: int) -> nn.Module:
 
 
 def _pruned_attention(old: nn.Module, heads: np.ndarray) -> nn.Module:
-    """``old`` with only ``heads``: their q, k, v rows of the fused qkv, proj columns, gate rows."""
-    hd, attn_dim = int(old.head_dim), int(old.attn_dim)
+    """``old`` with only ``heads``: their q, k, v rows of the fused qkv, proj columns, gate rows
+    (ViT) or relative position bias columns (Swin)."""
+    hd = head_dim_of(old)
+    attn_dim = hd * int(old.num_heads)
     device = old.qkv.weight.device
     cols = torch.as_tensor((heads[:, None] * hd + np.arange(hd)[None, :]).reshape(-1),
                            device=device)
@@ -175,8 +203,12 @@ def _pruned_attention(old: nn.Module, heads: np.ndarray) -> nn.Module:
     with torch.no_grad():
         _copy_linear(new.qkv, old.qkv, rows=qkv_rows)
         _copy_linear(new.proj, old.proj, cols=cols)
-        if old.gate is not None:
+        if getattr(old, "gate", None) is not None:
             _copy_linear(new.gate, old.gate, rows=cols)
+        table = getattr(old, "relative_position_bias_table", None)
+        if table is not None:
+            new.relative_position_bias_table.copy_(table[:, torch.as_tensor(heads, device=device)])
+            new.relative_position_bias_table.requires_grad_(table.requires_grad)
     return new
 
 

@@ -23,7 +23,7 @@ from xpdeploy.models.macs import count_gmacs, count_params_m
 from xpdeploy.progress import log
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global, plan_summary
-from xpdeploy.prune.surgery import prune_vit
+from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.batches import shuffled_batches
@@ -111,7 +111,7 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         if not distributed.is_main():
             return {}
     params_before = count_params_m(net)
-    prune_vit(net, keep)
+    prune_model(net, keep)
     gmacs = count_gmacs(net, size)
     predicted = macs.macs(keep.head_counts, keep.mlp_widths) / 1e9
     if abs(gmacs - predicted) > 1e-9:

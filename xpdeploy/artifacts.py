@@ -152,6 +152,9 @@ class OnnxModel(Artifact):
     nodes: int
     simplified: bool = False
     nodes_before_simplify: int | None = None
+    tensorrt_notes: list[str] = Field(
+        default_factory=list,
+        description="op types some TensorRT release cannot parse, with the release each needs")
     max_abs_diff: float = Field(description="vs the model it came from, on the verify set")
     gmacs: float
     params_m: float

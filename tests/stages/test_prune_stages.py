@@ -96,3 +96,30 @@ def test_saved_plan_replays_on_a_fresh_run(tmp_path: Path) -> None:
     again = json.loads((second / "04_prune" / "plan.json").read_text())
     assert again["blocks"] == plan["blocks"]
     assert again["replayed_from"].endswith("plan.json")
+
+
+SWIN_MODEL = {"name": "swin_tiny_patch4_window7_224",
+              "kwargs": {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16,
+                         "depths": [2, 2], "num_heads": [2, 4], "num_classes": 10}}
+
+
+@pytest.mark.parametrize("ranking", ["global", "threshold"])
+def test_swin_pipeline_end_to_end(tmp_path: Path, ranking: str) -> None:
+    """A Swin through learn_masks, prune, finetune, export, simplify, verify and report: blocks of
+    both stages pruned, MACs on target, ONNX files of the pruned Swin verified in onnxruntime."""
+    spec = _pipeline(tmp_path, "xpruner", ranking, model=SWIN_MODEL)
+    run_dir = tmp_path / "run"
+    result = run_pipeline(spec, run_dir)
+    assert result.passed, result
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    pruning = report["pruning"]
+    assert len(pruning["heads"]) == 4 and pruning["heads"][0] == 2  # block_floors of block 0
+    assert pruning["gmacs_after"] <= pruning["target_gmacs"] + 1e-12
+    assert pruning["gmacs_after"] >= pruning["target_gmacs"] * (1 - 0.05)
+    names = {c["name"]: c for c in report["candidates"]}
+    assert names["pruned.sim.onnx"]["passed"] and names["pruned.onnx"]["source_max_abs_diff"] < 1e-3
+    assert names["pruned.onnx"]["gmacs"] == pytest.approx(pruning["gmacs_after"])
+    arch = json.loads((run_dir / "04_prune" / "arch.json").read_text())
+    assert arch["timm_name"] == "swin_tiny_patch4_window7_224"
+    assert [b["heads"] for b in arch["blocks"]] == pruning["heads"]

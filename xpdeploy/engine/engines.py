@@ -41,6 +41,7 @@ from xpdeploy.engine.calibrator import CalibrationBatches, make_calibrator
 from xpdeploy.engine.settings import BuildSettings, BuiltPrecision, build_precisions, plan_builds
 from xpdeploy.engine.versions import TrtVersion, build_path, import_tensorrt, l4t_release
 from xpdeploy.errors import BuildError
+from xpdeploy.export.tensorrt_ops import op_types, parser_concerns
 from xpdeploy.fileio import sha256_file, write_bytes_atomic, write_text_atomic
 from xpdeploy.progress import format_duration, log
 from xpdeploy.spec import BuildEngineConfig
@@ -138,6 +139,12 @@ def build_engines(
     say(f"  TensorRT {trt.__version__} ({path}ly typed path) on {device.name} "
         f"(sm {device.compute_capability}{l4t}), CUDA through {device.cuda_binding}; "
         f"{len(sources)} models x {'/'.join(precisions)}")
+    for source in sources:  # before any build: a graph this parser cannot read fails in one line
+        graph = root / source.onnx_file
+        concerns = parser_concerns(op_types(graph), version.as_tuple()) if graph.is_file() else []
+        if concerns:
+            raise BuildError(f"TensorRT {version} cannot parse {source.onnx_file}: "
+                             f"{'; '.join(concerns)}")
     engines: list[TrtEngine] = []
     for source in sources:
         for precision in precisions:

@@ -8,6 +8,7 @@ from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.export.onnx_export import count_nodes, export_onnx
 from xpdeploy.export.parity import PARITY_SAMPLES, check_output_parity
+from xpdeploy.export.tensorrt_ops import tensorrt_notes
 from xpdeploy.models.arch import rebuild_model
 from xpdeploy.progress import log
 from xpdeploy.stages.context import StageContext
@@ -39,4 +40,5 @@ def _export(ctx: StageContext, model: TorchModel, pixels) -> OnnxModel:
     return OnnxModel(
         label=model.label, file=ctx.rel(path), opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
         nodes=nodes, max_abs_diff=diff, gmacs=model.gmacs, params_m=model.params_m,
+        tensorrt_notes=tensorrt_notes(path),
     )

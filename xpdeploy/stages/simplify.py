@@ -8,6 +8,7 @@ from xpdeploy.data.verify_set import load_verify_set
 from xpdeploy.export.onnx_export import count_nodes
 from xpdeploy.export.parity import PARITY_SAMPLES, check_output_parity
 from xpdeploy.export.simplify import simplify_onnx
+from xpdeploy.export.tensorrt_ops import tensorrt_notes
 from xpdeploy.progress import log
 from xpdeploy.stages.context import StageContext
 
@@ -29,6 +30,7 @@ def run(ctx: StageContext, onnx: OnnxModels, verify_set: VerifySet) -> dict[str,
         log(f"  {dst.name}: {src.nodes} -> {nodes} nodes, max |before - after| {diff:.2e}")
         out[label] = src.model_copy(
             update={"file": ctx.rel(dst), "nodes": nodes, "simplified": True,
-                    "nodes_before_simplify": src.nodes, "max_abs_diff": max(diff, src.max_abs_diff)}
+                    "nodes_before_simplify": src.nodes, "max_abs_diff": max(diff, src.max_abs_diff),
+                    "tensorrt_notes": tensorrt_notes(dst, src.tensorrt_notes)}
         )
     return {"onnx": OnnxModels(models=out)}

@@ -145,3 +145,19 @@ def test_random_scores_are_seeded() -> None:
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.neurons[0], c.neurons[0])
     assert all(np.all((t >= 0) & (t < 1)) for t in [*a.heads, *a.neurons])
+
+
+def test_swin_taylor_scores_are_per_image_whatever_the_batch() -> None:
+    """In a Swin, each image's attention runs as several windows: its per-sample gate must get the
+    gradient of its own windows only, so scores from batches of 8 equal those from single images."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=16, patch_size=2,
+                              window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                              num_classes=10).eval()
+    batched = taylor_scores(model, _batches(16, 8), max_images=16)
+    single = taylor_scores(model, _batches(16, 1), max_images=16)
+    _shapes_match(batched, model)
+    for a, b in zip(batched.heads + batched.neurons, single.heads + single.neurons, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    assert all(t.max() > 0 for t in batched.heads + batched.neurons)
+    _shapes_match(magnitude_scores(model), model)

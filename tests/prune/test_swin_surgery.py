@@ -186,3 +186,13 @@ def test_swin_v2_attention_is_refused_with_a_reason() -> None:
                               num_heads=(2, 4), num_classes=10)
     with pytest.raises(PruneError, match="SwinTransformer \\(v1\\)"):
         prune_model(model, UNEVEN)
+
+
+def test_swin_tiny_costs_its_published_4_5_gmacs() -> None:
+    """Full-size Swin-T (224 px, 7x7 windows, 4 stages): the planner's MAC model equals the counter
+    and the figure papers quote for it (4.5 G)."""
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, pretrained=False).eval()
+    macs = MacModel.from_model(model, (3, 224, 224))
+    assert macs.original / 1e9 == pytest.approx(4.4906, abs=1e-4)
+    assert len(macs.heads) == 12 and macs.heads[-1] == 24

@@ -203,8 +203,13 @@ class LearnMasksConfig(Section):
     epochs: int = Field(1, gt=0, description="passes over the (possibly capped) train split")
     max_images: int | None = Field(None, gt=0, description="cap on train images per epoch")
     batch_size: int = Field(128, gt=0, description="images per process per step (torchrun: x N)")
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate (cosine decay, no weight decay)")
-    min_lr: float = Field(0.0, ge=0)
+    lr: float = Field(1e-2, gt=0, description="peak learning rate (no weight decay)")
+    min_lr: float = Field(0.0, ge=0, description="the cosine schedule's floor")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="adam: every mask moves ~lr per step; sgd: moves follow the gradient")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: lr -> min_lr over all steps; constant: lr throughout")
     sparsity: Literal["l2", "l1"] = "l2"
     lambda_sparse: float = Field(3e-3, ge=0, description="sum over units, mean over classes")
     smoothness: Literal["class_tv", "unit_tv", "none"] = "class_tv"

@@ -102,6 +102,25 @@ def test_history_reports_convergence(capsys) -> None:
     assert quiet.history[-1]["moved_heads"] == 0.0
 
 
+def test_sgd_and_constant_schedule_options() -> None:
+    """SGD moves each mask by its (momentum-averaged) gradient, Adam by about lr whatever the
+    gradient: at the same lr and steps, SGD moves masks far less. A constant schedule keeps lr."""
+    common = {"epochs": 2, "batch_size": 16, "lr": 0.05}
+    adam = learn.learn_masks(_model(), _noise(), LearnMasksConfig(**common, schedule="constant"),
+                             num_classes=NUM_CLASSES, seed=0)
+    sgd = learn.learn_masks(_model(), _noise(), LearnMasksConfig(**common, optimizer="sgd"),
+                            num_classes=NUM_CLASSES, seed=0)
+    assert [h["lr"] for h in adam.history] == [0.05, 0.05]
+    assert sgd.history[-1]["lr"] == pytest.approx(0.0)  # cosine by default
+
+    def travelled(result) -> float:
+        return float(sum((t.detach() - 1).abs().sum() for t in result.masks.tables()))
+
+    assert 0.0 < travelled(sgd) < travelled(adam) / 10
+    with pytest.raises(ValueError, match="momentum"):
+        LearnMasksConfig(optimizer="sgd", momentum=1.0)
+
+
 def test_max_images_is_one_seeded_subset() -> None:
     a = learn.epoch_subset(100, 10, seed=3)
     assert len(a) == 10 and len(set(a.tolist())) == 10

@@ -1,8 +1,9 @@
 """Stage 1 of X-Pruner: learn the class-wise masks with the backbone frozen (method.md, "Stage 1").
 
 Loss = CE(masked logits, y) + lambda_sparse * L_sparse + lambda_smooth * L_smooth; only the masks
-train, with Adam (no weight decay: decay would shrink the rows of classes absent from a batch) and
-a cosine decay from ``lr`` to ``min_lr`` over all steps.
+train, with Adam (default) or SGD with momentum (``optimizer``; no weight decay: decay would shrink
+the rows of classes absent from a batch) and a cosine decay from ``lr`` to ``min_lr`` over all steps
+or a constant ``lr`` (``schedule``).
 
 **Convergence is checked, not assumed.** Adam moves every parameter by about lr per step whatever
 its gradient, so a short run leaves most masks travelling at full speed and their scores only say
@@ -183,13 +184,21 @@ def _load_checkpoint(path: Path, fingerprint: str, run_key: str) -> dict[str, An
 def _fresh_state(
     model: nn.Module, num_classes: int, cfg: LearnMasksConfig, total_steps: int
 ) -> tuple[ClassMasks, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """All-ones masks, Adam without weight decay, cosine decay from lr to min_lr over all steps."""
+    """All-ones masks; Adam (or SGD with momentum) without weight decay; a cosine decay from lr to
+    min_lr over all steps, or a constant lr."""
     masks = ClassMasks.for_model(model, num_classes)
-    optimizer = torch.optim.Adam(masks.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            masks.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.Adam(masks.parameters(), lr=cfg.lr, weight_decay=0.0)
     floor = cfg.min_lr / cfg.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps=0, total_steps=total_steps, floor=floor)
-    )
+    if cfg.schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, warmup_steps=0, total_steps=total_steps, floor=floor))
     return masks, optimizer, scheduler
 
 

@@ -197,8 +197,8 @@ def run_sweep(sweep_path: Path, out: Path) -> list[dict[str, Any]]:
         run_dir = points_dir / digest
         record_path = run_dir / "point.json"
         label = ", ".join(f"{k}={v}" for k, v in point.items()) or "(base pipeline)"
-        if record_path.is_file() and "result" in json.loads(record_path.read_text()):
-            record = json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if "result" in record:
             print(f"[{i}/{len(points)}] {digest} {label}: cached", flush=True)
         else:
             fresh = not run_dir.exists()

@@ -17,6 +17,14 @@ TINY_MODEL = {
                "num_classes": 10},
 }
 
+#: A tiny timm Swin (v1): 16 px, 2x2 patches -> 8x8 tokens in four 4x4 windows (the second block
+#: shifted by 2), patch merging, then 4x4 tokens in one window; head_dim 8 in both stages.
+TINY_SWIN = {
+    "name": "swin_tiny_patch4_window7_224",
+    "kwargs": {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16,
+               "depths": [2, 2], "num_heads": [2, 4], "num_classes": 10},
+}
+
 
 def _has_tensorrt() -> bool:
     import importlib.util

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -177,18 +178,41 @@ def test_device_run_builds_verifies_and_chooses_precision(
     assert backend.live_allocations == 0 and backend.closed
 
 
+def _device_run_on(version: str, bundled: BundledRun, run_dir: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple]]:
+    """``xpdeploy run bundle.tar --stages build_engine,verify`` with a TensorRT stand-in of
+    ``version``: the CLI result and the builder-side calls it recorded."""
+    backend = DeviceMemoryBackend()
+    trt, calls = make_ort_backed_trt(backend, version=version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr("xpdeploy.engine.cuda_memory.load_backend", lambda *a, **k: backend)
+    result = CliRunner().invoke(cli, ["run", str(bundled.tar), "--run-dir", str(run_dir),
+                                      "--stages", "build_engine,verify"])
+    return result, calls
+
+
 def test_device_run_build_errors_are_one_line(
     bundled_run: BundledRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    backend = DeviceMemoryBackend()
-    trt, _ = make_ort_backed_trt(backend, version="8.4.3.1")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr("xpdeploy.engine.cuda_memory.load_backend", lambda *a, **k: backend)
-    result = CliRunner().invoke(cli, ["run", str(bundled_run.tar), "--run-dir",
-                                      str(tmp_path / "d"), "--stages", "build_engine,verify"])
+    result, _ = _device_run_on("8.4.3.1", bundled_run, tmp_path / "d", monkeypatch)
     assert result.exit_code != 0
     assert "TensorRT 8.4.3 is too old" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "d" / "engines.json").exists()
+
+
+def test_device_refuses_a_graph_its_tensorrt_cannot_parse_in_one_line(
+    bundled_run: BundledRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """The bundle's opset-17 files on a JetPack 5 TensorRT (8.5, stand-in): refused before any
+    build, with the fix, and nothing written as if it had been built
+    (:mod:`xpdeploy.export.tensorrt_ops`)."""
+    result, calls = _device_run_on("8.5.2.2", bundled_run, tmp_path / "d", monkeypatch)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "TensorRT 8.5.2 cannot parse" in result.output
+    assert "export with export_onnx.opset: 16 for JetPack 5" in result.output
+    assert not (tmp_path / "d" / "engines.json").exists()
+    assert not list((tmp_path / "d").rglob("*.plan"))
+    assert calls == [], "refused before any builder call"
 
 
 def test_device_info_slug_and_l4t(tmp_path: Path) -> None:

@@ -1,27 +1,19 @@
-"""Which op types each TensorRT release's parser reads: the host note and the device refusal."""
+"""Which op types each TensorRT release's parser reads (the device refusal: tests/engine)."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
 import onnx
-import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from tests.engine.ort_backed_trt import DeviceMemoryBackend, make_ort_backed_trt
-from tests.test_bundle import BundledRun, bundled_run  # noqa: F401 (session fixture)
-from xpdeploy.cli import cli
+from tests.conftest import TINY_SWIN
 from xpdeploy.export.onnx_export import export_onnx
 from xpdeploy.export.simplify import simplify_onnx
 from xpdeploy.export.tensorrt_ops import op_types, parser_concerns
-
-SWIN = {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
-        "num_heads": (2, 4), "num_classes": 10}
 
 
 def _export(tmp_path: Path, name: str, kwargs: dict, opset: int) -> Path:
@@ -37,15 +29,15 @@ def _export(tmp_path: Path, name: str, kwargs: dict, opset: int) -> Path:
 def test_layernorm_of_opset_17_needs_tensorrt_8_6_and_opset_16_avoids_it(tmp_path: Path) -> None:
     """A Swin's window shift and partition simplify to ops every supported TensorRT parses; only
     opset 17's LayerNormalization needs 8.6+, and opset 16 writes it decomposed."""
-    name = "swin_tiny_patch4_window7_224"
-    ops17 = op_types(_export(tmp_path, name, SWIN, 17))
+    name, kwargs = TINY_SWIN["name"], TINY_SWIN["kwargs"]
+    ops17 = op_types(_export(tmp_path, name, kwargs, 17))
     assert ops17["LayerNormalization"] == 11 and "Mod" not in ops17
     assert parser_concerns(ops17, (10, 3, 0)) == []
     assert parser_concerns(ops17, (8, 6, 1)) == []
     (concern,) = parser_concerns(ops17, (8, 5, 2))
     assert concern.startswith("LayerNormalization x11 needs TensorRT >= 8.6")
     assert "export_onnx.opset: 16" in concern
-    ops16 = op_types(_export(tmp_path, name, SWIN, 16))
+    ops16 = op_types(_export(tmp_path, name, kwargs, 16))
     assert "LayerNormalization" not in ops16 and parser_concerns(ops16, None) == []
 
 
@@ -67,23 +59,3 @@ def test_op_types_counts_subgraph_nodes(tmp_path: Path) -> None:
     path = tmp_path / "if.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert op_types(path) == Counter({"If": 1, "Identity": 2})
-
-
-@pytest.mark.slow
-def test_device_refuses_a_graph_its_tensorrt_cannot_parse_in_one_line(
-    bundled_run: BundledRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
-) -> None:
-    """The bundle's opset-17 files on a JetPack 5 TensorRT (8.5, stand-in): refused before any
-    build, with the fix, and nothing written as if it had been built."""
-    backend = DeviceMemoryBackend()
-    trt, calls = make_ort_backed_trt(backend, version="8.5.2.2")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr("xpdeploy.engine.cuda_memory.load_backend", lambda *a, **k: backend)
-    result = CliRunner().invoke(cli, ["run", str(bundled_run.tar), "--run-dir",
-                                      str(tmp_path / "d"), "--stages", "build_engine,verify"])
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "TensorRT 8.5.2 cannot parse" in result.output
-    assert "export with export_onnx.opset: 16 for JetPack 5" in result.output
-    assert not (tmp_path / "d" / "engines.json").exists()
-    assert not list((tmp_path / "d").rglob("*.plan"))
-    assert calls == [], "refused before any builder call"

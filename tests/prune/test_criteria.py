@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import TINY_SWIN
 from xpdeploy.errors import PruneError
 from xpdeploy.models.units import unit_sites
 from xpdeploy.prune.criteria import CRITERIA, magnitude_scores, random_scores, taylor_scores
@@ -151,9 +152,7 @@ def test_swin_taylor_scores_are_per_image_whatever_the_batch() -> None:
     """In a Swin, each image's attention runs as several windows: its per-sample gate must get the
     gradient of its own windows only, so scores from batches of 8 equal those from single images."""
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=16, patch_size=2,
-                              window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
-                              num_classes=10).eval()
+    model = timm.create_model(TINY_SWIN["name"], **TINY_SWIN["kwargs"]).eval()
     batched = taylor_scores(model, _batches(16, 8), max_images=16)
     single = taylor_scores(model, _batches(16, 1), max_images=16)
     _shapes_match(batched, model)

@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import TINY_SWIN
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.errors import PruneError
 from xpdeploy.export.onnx_export import export_onnx
@@ -31,11 +32,9 @@ from xpdeploy.prune.surgery import hard_gates, prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
 from xpdeploy.xpruner.masks import ClassMasks, masked
 
-NAME = "swin_tiny_patch4_window7_224"
+NAME = TINY_SWIN["name"]
 INPUT = (3, 16, 16)
-# 8x8 tokens in stage 0 (four 4x4 windows; block 1 shifted by 2), 4x4 in stage 1 (one window)
-SWIN: dict[str, Any] = {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16,
-                        "depths": (2, 2), "num_heads": (2, 4), "num_classes": 10}
+SWIN: dict[str, Any] = TINY_SWIN["kwargs"]
 # uneven: heads (1, 2, 2, 1 of 2, 2, 4, 4), MLP widths (32, 64, 3, 128 of 64, 64, 128, 128)
 UNEVEN = KeepSets(
     heads=[np.array([1]), np.arange(2), np.array([0, 2]), np.array([3])],

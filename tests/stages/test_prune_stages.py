@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_pipeline_dict, write_pipeline
+from tests.conftest import TINY_SWIN, tiny_pipeline_dict, write_pipeline
 from xpdeploy.errors import ConfigError
 from xpdeploy.pipeline import run_pipeline
 from xpdeploy.report.schema import validate_report
@@ -31,6 +31,15 @@ def _pipeline(tmp_path: Path, criterion: str, ranking: str = "global", **extra):
     return load_spec(write_pipeline(tmp_path / "p.yaml", d))
 
 
+def _run_passing(spec, run_dir: Path) -> dict:
+    """Run ``spec`` in ``run_dir``; it must pass; its report.json, validated against the schema."""
+    result = run_pipeline(spec, run_dir)
+    assert result.passed, result
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    return report
+
+
 @pytest.mark.parametrize(("criterion", "ranking"), [
     ("xpruner", "global"), ("magnitude", "global"), ("taylor", "global"), ("random", "global"),
     ("xpruner", "threshold"),
@@ -38,10 +47,7 @@ def _pipeline(tmp_path: Path, criterion: str, ranking: str = "global", **extra):
 def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: str) -> None:
     spec = _pipeline(tmp_path, criterion, ranking)
     run_dir = tmp_path / "run"
-    result = run_pipeline(spec, run_dir)
-    assert result.passed, result
-    report = json.loads((run_dir / "report.json").read_text())
-    validate_report(report)
+    report = _run_passing(spec, run_dir)
     pruning = report["pruning"]
     assert pruning["criterion"] == criterion and pruning["ranking"] == ranking
     assert pruning["gmacs_after"] <= pruning["target_gmacs"] + 1e-12
@@ -98,21 +104,13 @@ def test_saved_plan_replays_on_a_fresh_run(tmp_path: Path) -> None:
     assert again["replayed_from"].endswith("plan.json")
 
 
-SWIN_MODEL = {"name": "swin_tiny_patch4_window7_224",
-              "kwargs": {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16,
-                         "depths": [2, 2], "num_heads": [2, 4], "num_classes": 10}}
-
-
 @pytest.mark.parametrize("ranking", ["global", "threshold"])
 def test_swin_pipeline_end_to_end(tmp_path: Path, ranking: str) -> None:
     """A Swin through learn_masks, prune, finetune, export, simplify, verify and report: blocks of
     both stages pruned, MACs on target, ONNX files of the pruned Swin verified in onnxruntime."""
-    spec = _pipeline(tmp_path, "xpruner", ranking, model=SWIN_MODEL)
+    spec = _pipeline(tmp_path, "xpruner", ranking, model=TINY_SWIN)
     run_dir = tmp_path / "run"
-    result = run_pipeline(spec, run_dir)
-    assert result.passed, result
-    report = json.loads((run_dir / "report.json").read_text())
-    validate_report(report)
+    report = _run_passing(spec, run_dir)
     pruning = report["pruning"]
     assert len(pruning["heads"]) == 4 and pruning["heads"][0] == 2  # block_floors of block 0
     assert pruning["gmacs_after"] <= pruning["target_gmacs"] + 1e-12
@@ -121,5 +119,5 @@ def test_swin_pipeline_end_to_end(tmp_path: Path, ranking: str) -> None:
     assert names["pruned.sim.onnx"]["passed"] and names["pruned.onnx"]["source_max_abs_diff"] < 1e-3
     assert names["pruned.onnx"]["gmacs"] == pytest.approx(pruning["gmacs_after"])
     arch = json.loads((run_dir / "04_prune" / "arch.json").read_text())
-    assert arch["timm_name"] == "swin_tiny_patch4_window7_224"
+    assert arch["timm_name"] == TINY_SWIN["name"]
     assert [b["heads"] for b in arch["blocks"]] == pruning["heads"]

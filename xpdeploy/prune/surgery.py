@@ -152,39 +152,23 @@ def _check_mlp(site: UnitSite) -> None:
 
 
 def _attention_like(old: nn.Module, num_heads: int) -> nn.Module:
-    """A fresh timm Attention like ``old`` (same width, head_dim, biases, dropout, device/dtype,
-    fused_attn, train mode) with ``num_heads`` heads. qk-norm modules act per head over head_dim,
-    so they are shared with ``old`` as they are (their parameters do not depend on the heads)."""
+    """A fresh timm Attention or Swin WindowAttention like ``old`` (same width, head_dim, window,
+    biases, dropout, device/dtype, fused_attn, train mode) with ``num_heads`` heads. qk-norm modules
+    act per head over head_dim, so they are shared with ``old`` as they are (their parameters do not
+    depend on the heads)."""
     w = old.qkv.weight
+    common = dict(num_heads=num_heads, qkv_bias=old.qkv.bias is not None,
+                  attn_drop=float(old.attn_drop.p), proj_drop=float(old.proj_drop.p),
+                  device=w.device, dtype=w.dtype)
     if type(old) is _timm_window_attention():
-        new = _timm_window_attention()(
-            int(old.qkv.in_features),
-            num_heads=num_heads,
-            head_dim=head_dim_of(old),
-            window_size=old.window_size,
-            qkv_bias=old.qkv.bias is not None,
-            attn_drop=float(old.attn_drop.p),
-            proj_drop=float(old.proj_drop.p),
-            device=w.device,
-            dtype=w.dtype,
-        )
-        new.fused_attn = old.fused_attn
-        new.train(old.training)
-        return new
-    new = _timm_attention()(
-        int(old.qkv.in_features),
-        num_heads=num_heads,
-        attn_head_dim=int(old.head_dim),
-        dim_out=int(old.proj.out_features),
-        qkv_bias=old.qkv.bias is not None,
-        proj_bias=old.proj.bias is not None,
-        gated=old.gate is not None,
-        attn_drop=float(old.attn_drop.p),
-        proj_drop=float(old.proj_drop.p),
-        device=w.device,
-        dtype=w.dtype,
-    )
-    new.q_norm, new.k_norm = old.q_norm, old.k_norm
+        new = _timm_window_attention()(int(old.qkv.in_features), head_dim=head_dim_of(old),
+                                       window_size=old.window_size, **common)
+    else:
+        new = _timm_attention()(int(old.qkv.in_features), attn_head_dim=int(old.head_dim),
+                                dim_out=int(old.proj.out_features),
+                                proj_bias=old.proj.bias is not None, gated=old.gate is not None,
+                                **common)
+        new.q_norm, new.k_norm = old.q_norm, old.k_norm
     new.fused_attn = old.fused_attn
     new.train(old.training)
     return new

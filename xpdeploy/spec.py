@@ -37,6 +37,9 @@ STAGE_NEEDS: dict[str, str] = {
     "build_engine": "export_onnx",
 }
 
+#: Prune criteria whose scores come from the learned masks (they need ``learn_masks``).
+MASK_CRITERIA: tuple[str, ...] = ("xpruner", "xpruner_taylor")
+
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
 
 
@@ -215,6 +218,9 @@ class LearnMasksConfig(Section):
     smoothness: Literal["class_tv", "unit_tv", "none"] = "class_tv"
     lambda_smooth: float = Field(1e-3, ge=0)
     project: bool = Field(False, description="clip masks to [0, 1] after every step")
+    target: Literal["label", "teacher"] = Field(
+        "label", description="label: rows and CE from the true label (the paper); teacher: rows "
+        "mixed by the unmasked model's softmax, KL to it (no label leak)")
     converged_eps: float = Field(1e-3, gt=0, description="a mask 'moved' if it changed by more")
     amp: Literal["auto", "off", "bf16"] = Field(
         "auto", description="backbone autocast: auto = bf16 on GPUs that have it; masks stay fp32"
@@ -240,7 +246,7 @@ class ThresholdConfig(Section):
 class PruneConfig(Section):
     """``prune``: scores of one criterion -> kept heads and neurons at an exact MAC budget."""
 
-    criterion: Literal["xpruner", "magnitude", "taylor", "random"] = "xpruner"
+    criterion: Literal["xpruner", "xpruner_taylor", "magnitude", "taylor", "random"] = "xpruner"
     target_gmacs: float | None = Field(None, gt=0, description="kept MACs per image, in 1e9")
     target_ratio: float | None = Field(None, gt=0, lt=1, description="kept / original MACs")
     ranking: Literal["global", "threshold"] = "global"
@@ -471,7 +477,8 @@ class PipelineSpec(Section):
             default.insert(1, "train")
         if self.prune is not None:
             at = default.index("export_onnx")
-            extra = ["prune"] if self.prune.criterion != "xpruner" else ["learn_masks", "prune"]
+            extra = (["learn_masks", "prune"] if self.prune.criterion in MASK_CRITERIA
+                     else ["prune"])
             default[at:at] = extra + (["finetune"] if self.finetune is not None else [])
         return default
 
@@ -486,13 +493,13 @@ class PipelineSpec(Section):
         if (
             "prune" in stages
             and self.prune is not None
-            and self.prune.criterion == "xpruner"
+            and self.prune.criterion in MASK_CRITERIA
             and self.prune.plan_file is None
             and "learn_masks" not in stages
         ):
             raise ConfigError(
-                "prune.criterion 'xpruner' needs the 'learn_masks' stage; add it to 'stages' or "
-                "choose criterion magnitude, taylor or random"
+                f"prune.criterion {self.prune.criterion!r} needs the 'learn_masks' stage; add it "
+                "to 'stages' or choose criterion magnitude, taylor or random"
             )
         for stage, needs in STAGE_NEEDS.items():
             if stage in stages and needs not in stages:

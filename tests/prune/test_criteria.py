@@ -10,7 +10,14 @@ import torch
 from tests.conftest import TINY_SWIN
 from xpdeploy.errors import PruneError
 from xpdeploy.models.units import unit_sites
-from xpdeploy.prune.criteria import CRITERIA, magnitude_scores, random_scores, taylor_scores
+from xpdeploy.prune.criteria import (
+    CRITERIA,
+    hybrid_scores,
+    magnitude_scores,
+    random_scores,
+    taylor_scores,
+)
+from xpdeploy.prune.units import UnitScores
 from xpdeploy.spec import PruneConfig
 
 
@@ -160,3 +167,20 @@ def test_swin_taylor_scores_are_per_image_whatever_the_batch() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
     assert all(t.max() > 0 for t in batched.heads + batched.neurons)
     _shapes_match(magnitude_scores(model), model)
+
+
+def test_hybrid_is_the_geometric_mean_of_type_normalised_scores() -> None:
+    """A unit one criterion calls useless ranks last whatever the other says; scaling either
+    criterion changes nothing; heads and neurons are normalised apart."""
+    a = UnitScores(heads=[np.array([1.0, 2.0, 3.0])], neurons=[np.array([10.0, 0.0, 20.0, 10.0])])
+    b = UnitScores(heads=[np.array([3.0, 2.0, 1.0])], neurons=[np.array([5.0, 100.0, 5.0, 5.0])])
+    h = hybrid_scores(a, b)
+    expected = np.sqrt(np.array([1, 2, 3]) / 2 * np.array([3, 2, 1]) / 2)  # means: 2 and 2
+    np.testing.assert_allclose(h.heads[0], expected)
+    assert int(np.argmin(h.neurons[0])) == 1  # zero mask score: last, despite Taylor's 100
+    scaled = hybrid_scores(UnitScores(heads=[t * 7 for t in a.heads],
+                                      neurons=[t * 1e-3 for t in a.neurons]), b)
+    for x, y in zip(scaled.heads + scaled.neurons, h.heads + h.neurons, strict=True):
+        np.testing.assert_allclose(x, y)
+    with pytest.raises(ValueError):
+        hybrid_scores(a, UnitScores(heads=[np.ones(3), np.ones(3)], neurons=[np.ones(4)] * 2))

@@ -11,7 +11,7 @@ from tests.conftest import TINY_SWIN, tiny_pipeline_dict, write_pipeline
 from xpdeploy.errors import ConfigError
 from xpdeploy.pipeline import run_pipeline
 from xpdeploy.report.schema import validate_report
-from xpdeploy.spec import load_spec
+from xpdeploy.spec import MASK_CRITERIA, load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ PRUNE_STAGES = ["load", "train", "learn_masks", "prune", "finetune", "export_onn
 
 def _pipeline(tmp_path: Path, criterion: str, ranking: str = "global", **extra):
     d = tiny_pipeline_dict(stages=[s for s in PRUNE_STAGES
-                                   if criterion == "xpruner" or s != "learn_masks"])
+                                   if criterion in MASK_CRITERIA or s != "learn_masks"])
     d["learn_masks"] = {"epochs": 1, "batch_size": 128, "max_images": 256}
     d["prune"] = {"criterion": criterion, "target_ratio": 0.6, "ranking": ranking,
                   "round_mlp_to": 8, "taylor_images": 128, "block_floors": {0: [2, 64]},
@@ -68,12 +68,47 @@ def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: st
     assert again.ran == []
 
 
-def test_xpruner_without_learn_masks_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("criterion", MASK_CRITERIA)
+def test_mask_criteria_without_learn_masks_are_refused(tmp_path: Path, criterion: str) -> None:
     d = tiny_pipeline_dict(stages=["load", "prune", "export_onnx", "verify", "report"])
-    d["prune"] = {"criterion": "xpruner", "target_ratio": 0.5}
+    d["prune"] = {"criterion": criterion, "target_ratio": 0.5}
     spec = load_spec(write_pipeline(tmp_path / "p.yaml", d))
-    with pytest.raises(ConfigError, match="needs the 'learn_masks' stage"):
+    with pytest.raises(ConfigError, match=f"'{criterion}' needs the 'learn_masks' stage"):
         spec.check_runnable()
+
+
+def test_hybrid_criterion_plans_from_masks_and_taylor(tmp_path: Path) -> None:
+    """``xpruner_taylor`` plans from the geometric mean of the stage's mask scores and Taylor
+    scores of the same images: the plan equals the planner's on hybrid_scores of the two."""
+    from xpdeploy.artifacts import ArchSpec
+    from xpdeploy.data.sources import open_split
+    from xpdeploy.models.arch import rebuild_model
+    from xpdeploy.models.data_config import resolve_data_config
+    from xpdeploy.prune import criteria
+    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.planner import PlanConstraints, plan_global
+    from xpdeploy.prune.units import UnitScores
+    from xpdeploy.training.batches import shuffled_batches
+
+    spec = _pipeline(tmp_path, "xpruner_taylor")
+    run_dir = tmp_path / "run"
+    run_pipeline(spec, run_dir, until="prune")
+    plan = json.loads((run_dir / "04_prune" / "plan.json").read_text())
+    assert plan["criterion"] == "xpruner_taylor"
+    masks = UnitScores.from_json(json.loads(
+        (run_dir / "03_learn_masks" / "scores.json").read_text()))
+    trained = run_dir / "02_train"
+    arch = ArchSpec.model_validate_json((trained / "arch.json").read_text())
+    net = rebuild_model(arch, trained / "model.safetensors")
+    dc = resolve_data_config(net, spec.data.preprocess)
+    train = open_split(spec.data, dc, "train", num_classes=10, seed=spec.seed)
+    taylor = criteria.taylor_scores(net, shuffled_batches(train, spec.data.batch_size,
+                                                          seed=spec.seed), 128)
+    macs = MacModel.from_model(net, dc.input_size)
+    keep = plan_global(criteria.hybrid_scores(masks, taylor), macs, plan["target_gmacs"] * 1e9,
+                       PlanConstraints.from_config(spec.prune), spec.prune.normalize)
+    assert [b["kept_heads"] for b in plan["blocks"]] == [h.tolist() for h in keep.heads]
+    assert [b["kept_neurons"] for b in plan["blocks"]] == [n.tolist() for n in keep.neurons]
 
 
 def test_impossible_target_is_one_clear_error(tmp_path: Path) -> None:

@@ -121,6 +121,28 @@ def test_sgd_and_constant_schedule_options() -> None:
         LearnMasksConfig(optimizer="sgd", momentum=1.0)
 
 
+def test_teacher_target_never_reads_the_label() -> None:
+    """``target: teacher`` takes its rows and its fit from the unmasked model: the same images with
+    other labels learn the very same masks (with ``label`` they do not), and without penalties
+    all-ones masks fit the teacher exactly, so the KL stays ~0 while the label CE does not."""
+    cfg = LearnMasksConfig(epochs=2, batch_size=16, lr=0.05, target="teacher")
+    data = _noise()
+    relabelled = [(x, (y + 3) % NUM_CLASSES) for x, y in data]
+    a = learn.learn_masks(_model(), data, cfg, num_classes=NUM_CLASSES, seed=0)
+    b = learn.learn_masks(_model(), relabelled, cfg, num_classes=NUM_CLASSES, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a.masks.tables(), b.masks.tables(), strict=True))
+    by_label = [learn.learn_masks(_model(), d, cfg.model_copy(update={"target": "label"}),
+                                  num_classes=NUM_CLASSES, seed=0) for d in (data, relabelled)]
+    assert not all(torch.equal(x, y) for x, y in zip(
+        by_label[0].masks.tables(), by_label[1].masks.tables(), strict=True))
+
+    free = LearnMasksConfig(epochs=1, batch_size=16, lr=1e-3, target="teacher",
+                            lambda_sparse=0.0, lambda_smooth=0.0)
+    fit = learn.learn_masks(_model(), data, free, num_classes=NUM_CLASSES, seed=0)
+    assert 0.0 <= fit.history[0]["ce"] < 1e-3
+    assert by_label[0].history[0]["ce"] > 1.0  # noise images: the label CE is large
+
+
 def test_max_images_is_one_seeded_subset() -> None:
     a = learn.epoch_subset(100, 10, seed=3)
     assert len(a) == 10 and len(set(a.tolist())) == 10

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Criterion names a pipeline may set in ``prune.criterion``. ``xpruner`` scores come from the
-#: learned class-wise masks (stage ``learn_masks``), not from this module.
-CRITERIA: tuple[str, ...] = ("xpruner", "magnitude", "taylor", "random")
+#: learned class-wise masks (stage ``learn_masks``), not from this module; ``xpruner_taylor``
+#: combines them with Taylor scores (:func:`hybrid_scores`).
+CRITERIA: tuple[str, ...] = ("xpruner", "xpruner_taylor", "magnitude", "taylor", "random")
 
 
 def magnitude_scores(model: nn.Module) -> UnitScores:
@@ -133,3 +134,22 @@ def random_scores(heads: list[int], mlp: list[int], seed: int) -> UnitScores:
     h = [rng.uniform(size=int(n)) for n in heads]
     m = [rng.uniform(size=int(n)) for n in mlp]
     return UnitScores(heads=h, neurons=m)
+
+
+def hybrid_scores(a: UnitScores, b: UnitScores) -> UnitScores:
+    """Geometric mean of two criteria, each first normalised by unit type: sqrt(a / mean_a x b /
+    mean_b) per unit.
+
+    ``xpruner_taylor`` = the X-Pruner mask scores with the Taylor scores: a unit ranks low when
+    either says it matters little (a product, not a sum, so neither scale dominates and a unit one
+    criterion calls useless is not rescued by the other). Each is normalised per type first so
+    head and neuron scores of both criteria are on one scale (mean 1); the result is
+    dimensionless.
+    """
+    na, nb = a.normalized("type"), b.normalized("type")
+
+    def combine(x: list[np.ndarray], y: list[np.ndarray]) -> list[np.ndarray]:
+        pairs = zip(x, y, strict=True)
+        return [np.sqrt(np.clip(p, 0, None) * np.clip(q, 0, None)) for p, q in pairs]
+
+    return UnitScores(heads=combine(na.heads, nb.heads), neurons=combine(na.neurons, nb.neurons))

@@ -25,6 +25,7 @@ from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global, plan_summary
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.spec import MASK_CRITERIA
 from xpdeploy.stages.context import StageContext
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1
@@ -39,10 +40,13 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
 
     spec, cfg = ctx.spec, ctx.spec.prune
     assert cfg is not None
-    if cfg.criterion == "xpruner":
+    if cfg.criterion in MASK_CRITERIA:
         if masks is None:
-            raise ConfigError("prune.criterion 'xpruner' needs the output of 'learn_masks'")
-        return UnitScores.from_json(json.loads(ctx.path(masks.scores_file).read_text()))
+            raise ConfigError(f"prune.criterion {cfg.criterion!r} needs the output of "
+                              "'learn_masks'")
+        mask_scores = UnitScores.from_json(json.loads(ctx.path(masks.scores_file).read_text()))
+        if cfg.criterion == "xpruner":
+            return mask_scores
     if cfg.criterion == "magnitude":
         return criteria.magnitude_scores(net)
     if cfg.criterion == "random":
@@ -51,7 +55,9 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
                        seed=spec.seed)
     batches = shuffled_batches(train, spec.data.batch_size, seed=spec.seed,
                                workers=spec.data.workers)
-    return criteria.taylor_scores(net, batches, cfg.taylor_images)
+    taylor = criteria.taylor_scores(net, batches, cfg.taylor_images)
+    return criteria.hybrid_scores(mask_scores, taylor) if cfg.criterion == "xpruner_taylor" \
+        else taylor
 
 
 def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks: MaskSet | None,

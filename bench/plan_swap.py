@@ -1,0 +1,97 @@
+"""Ablation: does a criterion lose on *how many* units each block keeps, or on *which* ones?
+
+A plan has two parts: the per-block budget (heads and MLP width kept in each block) and the choice
+of units inside a block. For two criteria A and B this prunes the shared CIFAR-10 base model with
+every combination (budget of A x choice of B, ...) at the same MACs and prints one-shot val top-1
+of each, so a gap between two criteria splits into an allocation part and a selection part.
+
+    python bench/plan_swap.py --xpruner-scores RUN/03_learn_masks/scores.json \\
+        --out bench/results/plan_swap.json
+
+The x-pruner scores come from a ``learn_masks`` stage folder; Taylor is computed here (the same
+1,280 train images and planner as the pipeline). Not a test: it needs ../shared/models and CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.pruning_quality import BASE_KWARGS, ROOT
+from xpdeploy.data.sources import open_split
+from xpdeploy.fileio import write_json_atomic
+from xpdeploy.models.data_config import resolve_data_config
+from xpdeploy.models.factory import create_model
+from xpdeploy.models.macs import count_gmacs
+from xpdeploy.prune import criteria
+from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.planner import PlanConstraints, plan_global
+from xpdeploy.prune.surgery import prune_model
+from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.spec import DataConfigSection, ModelConfig, PreprocessConfig
+from xpdeploy.training.batches import shuffled_batches
+from xpdeploy.training.evaluate import evaluate_top1
+
+
+def choose(scores: UnitScores, budget: KeepSets) -> KeepSets:
+    """In every block, the ``budget``'s number of heads and neurons with the highest ``scores``."""
+    def top(values: np.ndarray, k: int) -> np.ndarray:
+        return np.sort(np.argsort(-values, kind="stable")[:k])
+
+    return KeepSets(
+        heads=[top(s, len(h)) for s, h in zip(scores.heads, budget.heads, strict=True)],
+        neurons=[top(s, len(n)) for s, n in zip(scores.neurons, budget.neurons, strict=True)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path,
+                   default=ROOT.parent / "shared/models/cifar10_deit_tiny_d6_p4.pth")
+    p.add_argument("--data", type=Path, default=Path("~/.cache/xpdeploy/cifar10").expanduser())
+    p.add_argument("--xpruner-scores", type=Path, required=True)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--taylor-images", type=int, default=1280)
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/plan_swap.json")
+    args = p.parse_args()
+    if not args.model.is_file() or not (args.data / "val").is_dir():
+        sys.exit(f"error: needs {args.model} and {args.data}/val")
+    base = create_model(ModelConfig(name="deit_tiny_patch16_224", kwargs=BASE_KWARGS,
+                                    checkpoint=args.model))
+    pre = PreprocessConfig(size=32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465),
+                           std=(0.247, 0.243, 0.261))
+    section = DataConfigSection(source="imagefolder", root=args.data, preprocess=pre)
+    dc = resolve_data_config(base, pre)
+    train = open_split(section, dc, "train", num_classes=10, seed=0)
+    val = open_split(section, dc, "val", num_classes=10, seed=0)
+    macs = MacModel.from_model(base, dc.input_size)
+    target = args.ratio * macs.original
+    scores = {
+        "xpruner": UnitScores.from_json(json.loads(args.xpruner_scores.read_text())),
+        "taylor": criteria.taylor_scores(copy.deepcopy(base), shuffled_batches(train, 250, seed=0),
+                                         args.taylor_images),
+    }
+    budgets = {name: plan_global(s, macs, target, PlanConstraints(), "type")
+               for name, s in scores.items()}
+    rows = []
+    for budget_name, budget in budgets.items():
+        for choice_name, choice in scores.items():
+            keep = choose(choice, budget)
+            model = copy.deepcopy(base)
+            prune_model(model, keep)
+            top1 = evaluate_top1(model, val, batch_size=250, label=f"{budget_name}/{choice_name}")
+            rows.append({"budget": budget_name, "choice": choice_name, "top1": top1,
+                         "gmacs": count_gmacs(model, dc.input_size),
+                         "heads": keep.head_counts, "mlp": keep.mlp_widths})
+            print(f"budget {budget_name:8s} choice {choice_name:8s}: one-shot {top1:.2f}% "
+                  f"heads {keep.head_counts} mlp {keep.mlp_widths}", flush=True)
+    write_json_atomic(args.out, {"ratio": args.ratio, "xpruner_scores": str(args.xpruner_scores),
+                                 "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench importable
 from bench.pruning_quality import BASE_KWARGS, ROOT
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import write_json_atomic

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import tiny_pipeline_dict, write_pipeline
 from xpdeploy.errors import ConfigError
@@ -184,3 +185,39 @@ def test_build_engine_profile_shape_and_other_fields(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key 'calibration_count' in section "
                                           "'build_engine'"):
         _load(tmp_path, tiny_pipeline_dict(build_engine={"calibration_count": 100}))
+
+
+def _documented_defaults() -> dict[str, str]:
+    """``section.field -> value`` from the defaults table of docs/benchmarks.md (issue 8)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
+    block = text.split("<!-- defaults:begin -->")[1].split("<!-- defaults:end -->")[0]
+    rows = [line.split("|")[1:3] for line in block.splitlines() if line.startswith("| `")]
+    return {name.strip().strip("`"): value.strip().strip("`") for name, value in rows}
+
+
+def test_code_defaults_match_the_documented_ones() -> None:
+    """The learn_masks and prune defaults are the settings that measured best on the val split
+    (docs/benchmarks.md says which and why); a default changed in one place only fails here."""
+    from xpdeploy.spec import LearnMasksConfig, PruneConfig
+
+    documented = _documented_defaults()
+    sections = {"learn_masks": LearnMasksConfig(), "prune": PruneConfig(target_ratio=0.5)}
+    assert {"learn_masks.epochs", "learn_masks.lr", "learn_masks.project", "learn_masks.target",
+            "learn_masks.lambda_sparse", "prune.criterion", "prune.ranking"} <= set(documented)
+    for name, value in documented.items():
+        obj: object = sections[name.split(".")[0]]
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)
+        assert obj == yaml.safe_load(value), name
+
+
+def test_the_benchmark_pipeline_runs_the_documented_defaults() -> None:
+    """pipelines/cifar10_deit_tiny.yaml is where the defaults were measured: it must not
+    override them (only the data budget: max_images, batch_size)."""
+    spec = load_spec(Path(__file__).resolve().parent.parent / "pipelines/cifar10_deit_tiny.yaml")
+    for name, value in _documented_defaults().items():
+        section, field = name.split(".", 1)
+        obj: object = getattr(spec, section)
+        for part in field.split("."):
+            obj = getattr(obj, part)
+        assert obj == yaml.safe_load(value), name

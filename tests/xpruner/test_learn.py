@@ -59,7 +59,7 @@ def test_only_the_masks_train_and_the_model_is_restored(capsys) -> None:
 
 
 def test_loss_decreases_on_digits(digits) -> None:
-    cfg = LearnMasksConfig(epochs=3, max_images=192, batch_size=64, lr=0.05)
+    cfg = LearnMasksConfig(epochs=3, max_images=192, batch_size=64, lr=0.05, target="label")
     result = learn.learn_masks(_model(), digits, cfg, num_classes=NUM_CLASSES, seed=0)
     first, last = result.history[0], result.history[-1]
     assert last["loss"] < first["loss"] and last["ce"] < first["ce"]

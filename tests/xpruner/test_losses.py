@@ -62,3 +62,13 @@ def test_unknown_kinds_are_refused() -> None:
         smoothness_loss([T1], "tv")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes, units"):
         sparsity_loss([torch.ones(3)])
+
+
+def test_entries_normalisation_is_a_mean_over_every_entry() -> None:
+    masks = ClassMasks(5, head_counts=[3, 2], mlp_widths=[8, 4]).requires_grad_(False)
+    assert float(sparsity_loss(masks, "l2", "entries")) == pytest.approx(1.0)
+    # T1, T2: (30 / 2 + 2 / 2) / 3 units; class_tv 3.0 / 3 units.
+    assert float(sparsity_loss([T1, T2], "l2", "entries")) == pytest.approx(16 / 3)
+    assert float(smoothness_loss([T1, T2], "class_tv", "entries")) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="'units' or 'entries'"):
+        sparsity_loss([T1], "l2", "classes")  # type: ignore[arg-type]

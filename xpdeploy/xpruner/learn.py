@@ -302,8 +302,8 @@ def _train_epoch(ddp: nn.Module, run: _Run, loader: Any, cfg: LearnMasksConfig, 
             y = torch.as_tensor(labels).to(device, non_blocking=True)
             _check_labels(y, num_classes)
             ce = _data_term(ddp, x, y, cfg, amp, device)
-            sparse = sparsity_loss(masks, cfg.sparsity)
-            smooth = smoothness_loss(masks, cfg.smoothness)
+            sparse = sparsity_loss(masks, cfg.sparsity, cfg.penalty_norm)
+            smooth = smoothness_loss(masks, cfg.smoothness, cfg.penalty_norm)
             loss = ce + cfg.lambda_sparse * sparse + cfg.lambda_smooth * smooth
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()

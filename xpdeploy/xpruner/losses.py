@@ -20,6 +20,10 @@ from xpdeploy.xpruner.masks import ClassMasks
 
 Sparsity = Literal["l2", "l1"]
 Smoothness = Literal["class_tv", "unit_tv", "none"]
+#: ``units``: summed over units, averaged over classes (the default, see above); ``entries``: the
+#: same sum divided by every unit's count as well, i.e. a mean over all entries (the prototype's
+#: scaling, kept as an option so the sweep can show what it does).
+PenaltyNorm = Literal["units", "entries"]
 Tables = ClassMasks | Iterable[torch.Tensor]
 
 
@@ -33,11 +37,22 @@ def _tables(masks: Tables) -> list[torch.Tensor]:
     return tables
 
 
-def sparsity_loss(masks: Tables, kind: Sparsity = "l2") -> torch.Tensor:
+def _per_entry(total: torch.Tensor, tables: list[torch.Tensor], norm: PenaltyNorm) -> torch.Tensor:
+    """``total`` (already / C) divided by the model's unit count for ``entries``."""
+    if norm == "units":
+        return total
+    if norm == "entries":
+        return total / sum(int(t.shape[1]) for t in tables)
+    raise ValueError(f"unknown penalty normalisation {norm!r}; use 'units' or 'entries'")
+
+
+def sparsity_loss(masks: Tables, kind: Sparsity = "l2", norm: PenaltyNorm = "units"
+                  ) -> torch.Tensor:
     """sum over tables of sum(M^2) / C (``l2``) or sum(|M|) / C (``l1``); a 0-d tensor.
 
     Units: mask-value^2 (or mask-value) per class, summed over every unit of the model. At the
-    initial all-ones masks it equals the number of units (heads + neurons).
+    initial all-ones masks it equals the number of units (heads + neurons); 1 with ``norm:
+    entries`` (a mean over all entries).
     """
     tables = _tables(masks)
     if kind == "l2":
@@ -46,10 +61,11 @@ def sparsity_loss(masks: Tables, kind: Sparsity = "l2") -> torch.Tensor:
         terms = [t.abs().sum() / t.shape[0] for t in tables]
     else:
         raise ValueError(f"unknown sparsity kind {kind!r}; use 'l2' or 'l1'")
-    return torch.stack(terms).sum()
+    return _per_entry(torch.stack(terms).sum(), tables, norm)
 
 
-def smoothness_loss(masks: Tables, kind: Smoothness = "class_tv") -> torch.Tensor:
+def smoothness_loss(masks: Tables, kind: Smoothness = "class_tv", norm: PenaltyNorm = "units"
+                    ) -> torch.Tensor:
     """Total variation of the masks, normalised like :func:`sparsity_loss`; a 0-d tensor.
 
     ``class_tv``: sum |M[c+1, i] - M[c, i]| / C per table (neighbouring classes share information,
@@ -66,4 +82,4 @@ def smoothness_loss(masks: Tables, kind: Smoothness = "class_tv") -> torch.Tenso
         terms = [(t[:, 1:] - t[:, :-1]).abs().sum() / t.shape[0] for t in tables]
     else:
         raise ValueError(f"unknown smoothness kind {kind!r}; use 'class_tv', 'unit_tv' or 'none'")
-    return torch.stack(terms).sum()
+    return _per_entry(torch.stack(terms).sum(), tables, norm)

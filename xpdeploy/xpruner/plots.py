@@ -129,7 +129,8 @@ def plot_scores(scores: UnitScores, path: str | os.PathLike[str]) -> None:
 def plot_curve(history: Sequence[dict[str, float]], path: str | os.PathLike[str]) -> None:
     """Write the mask-learning curve: loss terms per epoch, and the share of masks that moved.
 
-    Left: total loss, cross-entropy and the (unweighted) sparsity / smoothness terms, log scale.
+    Left: total loss, the data term (cross-entropy, or KL to the teacher) and the (unweighted)
+    sparsity / smoothness terms, log scale.
     Right: share of head and neuron mask entries that moved more than ``converged_eps`` in each
     epoch, with the 5% line under which the run counts as converged.
     """
@@ -142,8 +143,9 @@ def plot_curve(history: Sequence[dict[str, float]], path: str | os.PathLike[str]
         for key in ("loss", "ce", "sparsity", "smoothness"):
             ys = [h.get(key) for h in history]
             if any(y is not None and y > 0 for y in ys):
+                # "ce" is the data term: CE to the label, or KL to the teacher (learn.py).
                 ax_loss.plot(epochs, [y if y and y > 0 else np.nan for y in ys], marker="o",
-                             label=key)
+                             label="data (CE / KL)" if key == "ce" else key)
         if ax_loss.get_lines():
             ax_loss.set_yscale("log")
             ax_loss.legend(fontsize=8)

@@ -58,6 +58,9 @@ class SweepFile(BaseModel):
 
     pipeline: Path
     until: Literal["prune", "finetune"] = "prune"
+    #: Overrides every point starts from (a point's own keys win): pins settings whose defaults
+    #: may change later, so a sweep file keeps meaning what it measured.
+    base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     points: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -92,7 +95,8 @@ def override_args(point: dict[str, Any]) -> list[str]:
 
 
 def point_spec(sweep: SweepFile, point: dict[str, Any]) -> PipelineSpec:
-    return load_spec(sweep.pipeline, override_args(point))
+    """The pipeline with the sweep's ``base`` overrides, then the point's own."""
+    return load_spec(sweep.pipeline, override_args({**sweep.base, **point}))
 
 
 def point_digest(spec: PipelineSpec, until: str) -> str:

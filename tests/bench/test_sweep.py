@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.sweep import expand, main, override_args, read_sweep
+from bench.sweep import expand, main, override_args, point_spec, read_sweep
 from tests.conftest import tiny_pipeline_dict, write_pipeline
 
 pytestmark = pytest.mark.slow
@@ -47,6 +47,19 @@ def test_grid_and_points_expand_in_file_order(tmp_path: Path) -> None:
         {"learn_masks.lr": 0.05, "learn_masks.project": True},
         {"prune.criterion": "magnitude"}]
     assert override_args({"a.b": 0.5, "c": "x", "d": [1, 2]}) == ["a.b=0.5", "c=x", "d=[1, 2]"]
+
+
+def test_base_overrides_every_point_and_a_point_wins(tmp_path: Path) -> None:
+    """``base`` pins settings for the whole file (e.g. a default that changed since it ran)."""
+    _pipeline(tmp_path)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": "p.yaml", "base": {
+        "learn_masks.target": "label", "learn_masks.lr": 0.01}}))
+    sweep = read_sweep(path)
+    plain = point_spec(sweep, {})
+    assert plain.learn_masks.target == "label" and plain.learn_masks.lr == 0.01
+    own = point_spec(sweep, {"learn_masks.target": "teacher"})
+    assert own.learn_masks.target == "teacher" and own.learn_masks.lr == 0.01
 
 
 def test_sweep_runs_caches_resumes_and_extends(tmp_path: Path, capsys) -> None:

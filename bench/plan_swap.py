@@ -23,18 +23,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench importable
-from bench.pruning_quality import BASE_KWARGS, ROOT
-from xpdeploy.data.sources import open_split
+from bench.pruning_quality import ROOT, load_base
 from xpdeploy.fileio import write_json_atomic
-from xpdeploy.models.data_config import resolve_data_config
-from xpdeploy.models.factory import create_model
 from xpdeploy.models.macs import count_gmacs
 from xpdeploy.prune import criteria
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
-from xpdeploy.spec import DataConfigSection, ModelConfig, PreprocessConfig
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1
 
@@ -61,14 +57,7 @@ def main() -> None:
     args = p.parse_args()
     if not args.model.is_file() or not (args.data / "val").is_dir():
         sys.exit(f"error: needs {args.model} and {args.data}/val")
-    base = create_model(ModelConfig(name="deit_tiny_patch16_224", kwargs=BASE_KWARGS,
-                                    checkpoint=args.model))
-    pre = PreprocessConfig(size=32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465),
-                           std=(0.247, 0.243, 0.261))
-    section = DataConfigSection(source="imagefolder", root=args.data, preprocess=pre)
-    dc = resolve_data_config(base, pre)
-    train = open_split(section, dc, "train", num_classes=10, seed=0)
-    val = open_split(section, dc, "val", num_classes=10, seed=0)
+    base, dc, train, val = load_base(args.model, args.data, seed=0)
     macs = MacModel.from_model(base, dc.input_size)
     target = args.ratio * macs.original
     scores = {

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from xpdeploy.artifacts import DataConfig
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.data.sources import open_split
 from xpdeploy.data.verify_set import select_indices
@@ -119,6 +120,23 @@ def _previous_rows(out: Path, key: str) -> list[dict[str, Any]]:
     return list(data.get("rows", []))
 
 
+def load_base(model: Path, data: Path, seed: int) -> tuple[Any, DataConfig, Any, Any]:
+    """The shared base model (its own 32 px preprocessing) and CIFAR-10's train and val splits.
+
+    Returns (model, data config, train split, val split); every benchmark on the base model
+    loads it this way so their numbers share one preprocessing.
+    """
+    base = create_model(ModelConfig(name="deit_tiny_patch16_224", kwargs=BASE_KWARGS,
+                                    checkpoint=model))
+    pre = PreprocessConfig(size=32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465),
+                           std=(0.247, 0.243, 0.261))
+    section = DataConfigSection(source="imagefolder", root=data, preprocess=pre)
+    dc = resolve_data_config(base, pre)
+    train = open_split(section, dc, "train", num_classes=10, seed=seed)
+    val = open_split(section, dc, "val", num_classes=10, seed=seed)
+    return base, dc, train, val
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per (method, ratio), sorted by method then ratio."""
     lines = ["| method | target ratio | GMACs (ratio) | one-shot top-1 | fine-tuned top-1 | "
@@ -174,14 +192,7 @@ def main() -> None:
     rows = _previous_rows(args.out, key)
     done = {(r["method"], r["target_ratio"]) for r in rows}
     torch.manual_seed(args.seed)
-    base = create_model(ModelConfig(name="deit_tiny_patch16_224", kwargs=BASE_KWARGS,
-                                    checkpoint=args.model))
-    pre = PreprocessConfig(size=32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465),
-                           std=(0.247, 0.243, 0.261))
-    section = DataConfigSection(source="imagefolder", root=args.data, preprocess=pre)
-    dc = resolve_data_config(base, pre)
-    train = open_split(section, dc, "train", num_classes=10, seed=args.seed)
-    val = open_split(section, dc, "val", num_classes=10, seed=args.seed)
+    base, dc, train, val = load_base(args.model, args.data, args.seed)
     macs = MacModel.from_model(base, dc.input_size)
     constraints = PlanConstraints()
     base_top1 = evaluate_top1(base, val, batch_size=250, label="base")

@@ -273,9 +273,8 @@ def _data_term(ddp: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LearnMasks
         with autocast(amp, device):
             logits = ddp(x, y)
         return F.cross_entropy(logits.float(), y)
-    inner = ddp.module if hasattr(ddp, "module") else ddp
     with torch.no_grad(), autocast(amp, device):
-        teacher = inner.model(x).float()
+        teacher = distributed.unwrap(ddp).model(x).float()
     probs = teacher.softmax(dim=-1)
     with autocast(amp, device):
         logits = ddp(x, probs)

@@ -22,10 +22,12 @@ raises :class:`TimeoutError` instead of hanging the test session.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -98,4 +100,43 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
         for rank in range(world_size):
             with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as fh:
                 results.append(pickle.load(fh))
+        return results
+
+
+def launch_ranks(cmd: list[str], world_size: int, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 cwd: Path | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """Start ``cmd`` ``world_size`` times as the ranks of one group and wait for every one.
+
+    Each process gets the variables torchrun sets (gloo forced) and nothing else of torchrun, so
+    the caller sees **every rank's own exit code** and output: torchrun reports only the first
+    failure and stops the other ranks with SIGTERM. A rank still running after ``timeout_s``
+    seconds is killed, and :class:`TimeoutError` names it.
+    """
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="launch-") as logs, contextlib.ExitStack() as files:
+        procs = []
+        for rank in range(world_size):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "XPDEPLOY_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1",
+                   "PYTHONUNBUFFERED": "1"}
+            out = files.enter_context(open(Path(logs) / f"{rank}.out", "w+"))
+            err = files.enter_context(open(Path(logs) / f"{rank}.err", "w+"))
+            procs.append((subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err,
+                                           text=True), out, err))
+        deadline = time.monotonic() + timeout_s
+        results = []
+        for rank, (proc, out, err) in enumerate(procs):
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for p, _, _ in procs:
+                    p.kill()
+                    p.wait()
+                raise TimeoutError(f"rank {rank} of {cmd} still ran after {timeout_s:.0f} s; "
+                                   "killed every rank") from None
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, code, out.read(), err.read()))
         return results

@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import kill_at_mid_epoch_checkpoint, tiny_pipeline_dict, write_pipeline
+from tests.distributed_utils import launch_ranks
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import sha256_file
 from xpdeploy.models.arch import rebuild_model
@@ -23,7 +26,8 @@ from xpdeploy.spec import load_spec
 from xpdeploy.training.evaluate import evaluate_top1
 
 
-def _pipeline(tmp_path: Path) -> Path:
+def two_process_pipeline(tmp_path: Path) -> Path:
+    """The pipeline of the two-process test (also looped by bench/torchrun_exit.py)."""
     d = tiny_pipeline_dict(
         stages=["load", "train", "prune", "finetune", "export_onnx", "verify", "report"],
         prune={"criterion": "magnitude", "target_ratio": 0.6},
@@ -37,10 +41,10 @@ def _pipeline(tmp_path: Path) -> Path:
     return write_pipeline(tmp_path / "p.yaml", d)
 
 
-_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _torchrun_cmd(pipe: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
+def torchrun_cmd(pipe: Path, run_dir: Path, nproc: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}", "-m", "xpdeploy", "run", str(pipe), "--run-dir",
             str(run_dir), *extra]
@@ -48,7 +52,7 @@ def _torchrun_cmd(pipe: Path, run_dir: Path, nproc: int, *extra: str) -> list[st
 
 def _torchrun(pipe: Path, run_dir: Path, nproc: int,
               *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_torchrun_cmd(pipe, run_dir, nproc, *extra), env=_ENV,
+    return subprocess.run(torchrun_cmd(pipe, run_dir, nproc, *extra), env=ENV,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -73,7 +77,7 @@ def _files(run_dir: Path) -> set[str]:
 
 
 def test_train_and_finetune_on_two_processes(tmp_path: Path) -> None:
-    pipe = _pipeline(tmp_path)
+    pipe = two_process_pipeline(tmp_path)
     run_dir = tmp_path / "ddp"
     proc = _torchrun(pipe, run_dir, 2)
     out = proc.stdout
@@ -127,6 +131,28 @@ def test_a_bad_input_stops_every_rank_with_one_error_line(tmp_path: Path) -> Non
     assert not (tmp_path / "run" / "01_load" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("case", ["passed", "bad input", "parity gate"])
+def test_every_rank_exits_with_the_runs_code(tmp_path: Path, case: str) -> None:
+    """Each rank's own exit code (torchrun reports only the first failure): 0 for a passing run
+    on every rank, and a failure's code on every rank, with no abort at interpreter exit."""
+    d = tiny_pipeline_dict(stages=["load", "train", "export_onnx", "verify", "report"],
+                           verify={"batch_sizes": [1], "warmup": 1, "iters": 3})
+    d["train"]["threads"] = 1
+    if case == "bad input":
+        d["data"] = {**d["data"], "source": "imagefolder", "root": str(tmp_path / "missing")}
+    if case == "parity gate":
+        d["verify"]["gates"] = {"max_abs_diff": 1e-15}
+    pipe = write_pipeline(tmp_path / "p.yaml", d)
+    ranks = launch_ranks([sys.executable, "-m", "xpdeploy", "run", str(pipe), "--run-dir",
+                          str(tmp_path / "run")], 2, timeout_s=300)
+    expected = {"passed": 0, "bad input": 1, "parity gate": 3}[case]
+    assert [r.returncode for r in ranks] == [expected, expected], [r.stderr for r in ranks]
+    verdict = "PASSED" if case == "passed" else "FAILED"
+    assert ranks[0].stdout.splitlines()[-1].startswith(f"{verdict} | tiny |")
+    assert ranks[1].stdout == "" and ranks[1].stderr == ""  # rank 0 alone speaks
+    assert "terminate called" not in ranks[0].stderr
+
+
 def test_a_killed_distributed_run_resumes_with_the_same_weights(tmp_path: Path) -> None:
     """SIGKILL to torchrun and both workers mid-epoch; the same command resumes from the step
     checkpoint (every rank's RNG state and partial metrics) and ends with the weights of an
@@ -139,8 +165,8 @@ def test_a_killed_distributed_run_resumes_with_the_same_weights(tmp_path: Path) 
     assert clean.returncode == 0, clean.stdout[-2000:] + clean.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    cmd = _torchrun_cmd(pipe, killed, 2, "--until", "train")
-    proc = subprocess.Popen(cmd, env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    cmd = torchrun_cmd(pipe, killed, 2, "--until", "train")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     # torchrun starts its workers in sessions of their own: kill every process of this run (as
     # a scheduler preempting the job would), not only torchrun's group.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from xpdeploy import __version__
+from xpdeploy import __version__, distributed
 from xpdeploy.bundle_cli import bundle
 from xpdeploy.calib_cli import calib
 from xpdeploy.cli_guard import guarded as _guarded
@@ -88,7 +88,6 @@ def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_s
             click.echo(f"FAILED | {spec.name} | {format_duration(time.monotonic() - t0)} | {where}")
 
     def go() -> None:
-        from xpdeploy import distributed
         from xpdeploy.pipeline import run_pipeline
 
         info = distributed.init_from_env()  # under torchrun: join the process group
@@ -182,8 +181,16 @@ cli.add_command(compare)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="xpdeploy")
+    """Console-script entry point (also ``python -m xpdeploy`` and ``torchrun -m xpdeploy``).
+
+    Every exit passes through here: a distributed run whose process group outlived it ends with
+    its own exit code before the interpreter finalises (distributed.end_process says why).
+    """
+    try:
+        cli(prog_name="xpdeploy")
+    except SystemExit as e:
+        distributed.end_process(e.code if isinstance(e.code, int) else int(e.code is not None))
+        raise
 
 
 if __name__ == "__main__":

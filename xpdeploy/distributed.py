@@ -11,10 +11,14 @@ Rank queries read the environment (not ``torch.distributed``) so that logging an
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from xpdeploy.errors import ConfigError
@@ -29,6 +33,11 @@ T = TypeVar("T")
 #: rank 0 alone runs load, export, simplify and verify, which can take long on ImageNet, so the
 #: default is far above torch's (10 minutes for NCCL). Override with XPDEPLOY_DIST_TIMEOUT_MIN.
 DEFAULT_TIMEOUT_MIN = 180
+
+#: Name prefixes of the native threads a process group runs, as Linux shows them in
+#: ``/proc/self/task/*/comm``: gloo's transport loop (``gloo_tcp_loop``), ProcessGroupGloo's
+#: workers (``pt_gloo_runloop``) and NCCL's watchdog and heartbeat monitor (``pt_nccl_*``).
+GROUP_THREAD_PREFIXES = ("gloo", "pt_gloo", "pt_nccl")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class DistInfo:
 
 
 _current: DistInfo | None = None
+#: Set by :func:`shutdown` when the group's native threads were still running after it.
+_group_outlived = False
 
 
 def _env_int(name: str, default: int) -> int:
@@ -108,6 +119,16 @@ def init_from_env() -> DistInfo | None:
     import torch
     import torch.distributed as dist
 
+    # Before the group exists, on purpose: torch.distributed.nn.functional binds ``group.WORLD``
+    # as the default argument of its collectives when it is imported. Imported after
+    # init_process_group (DDP's first construction imports it), those defaults hold the WORLD
+    # group past destroy_process_group(), so its gloo workers still run while the interpreter
+    # finalises; a worker that then frees the last broadcast's tensors takes the GIL, is ended
+    # by the finalising interpreter, and the process aborts with "terminate called without an
+    # active exception" (SIGABRT) after a run that passed (issue 20). Imported now, the
+    # defaults are None (the default group, looked up at call time).
+    import torch.distributed.nn.functional
+
     local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() and os.environ.get("XPDEPLOY_DIST_BACKEND") != "gloo"
     if use_cuda:
@@ -125,15 +146,61 @@ def init_from_env() -> DistInfo | None:
 
 
 def shutdown() -> None:
-    """Leave the process group (at the end of a run, so torchrun sees a clean exit)."""
-    global _current
+    """Leave the process group, and stop its native threads while the interpreter is whole.
+
+    Called by every rank after its last collective (the run's "end" or "stop" broadcast). The
+    group's threads stop only when the group object is freed: ``destroy_process_group`` drops
+    torch's own references, ``gc.collect`` first frees DDP wrappers left in reference cycles
+    (each holds the group), and ProcessGroupGloo's destructor then drains its work queue and
+    joins its workers. Threads still running afterwards mean something else holds the group;
+    :func:`end_process` then ends the process before the interpreter finalises (see there).
+    """
+    global _current, _group_outlived
     if _current is None:
         return
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
     _current = None
+    _group_outlived = bool(group_threads())
+
+
+def group_threads() -> list[str]:
+    """Names of this process's native threads that belong to a process group ([] where Linux's
+    ``/proc/self/task`` is not there to tell)."""
+    names = []
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return names
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if name.startswith(GROUP_THREAD_PREFIXES):
+            names.append(name)
+    return sorted(names)
+
+
+def end_process(code: int) -> None:
+    """Exit with ``code`` now if :func:`shutdown` left the group's threads running; else return.
+
+    A process group that outlives the run keeps native worker threads that can touch Python
+    objects while the interpreter finalises, which aborts the process (SIGABRT) after a run
+    that passed, so torchrun marks the job failed. torch offers no way to stop those threads
+    while something holds the group, so the process ends here, deliberately, with the run's
+    own exit code: every artifact is already written and closed (the run folder writes
+    atomically), and only stdout and stderr need flushing. Not reached when shutdown() freed
+    the group, which is the normal case.
+    """
+    if not _group_outlived:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to save
+            stream.flush()
+    os._exit(code)
 
 
 def device() -> torch.device:

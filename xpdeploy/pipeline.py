@@ -308,7 +308,6 @@ def run_pipeline(
             code = e.exit_code if isinstance(e, XpdeployError) else EXIT_ERROR
             distributed.broadcast_object({"kind": "stop", "code": code})
         raise
-    distributed.broadcast_object({"kind": "end"})
     result = PipelineResult(
         name=spec.name,
         run_dir=run_dir,
@@ -327,10 +326,14 @@ def run_pipeline(
             f"{c.name}: " + ", ".join(g.detail for g in c.gates if not g.passed) for c in failed
         )
         where = run_dir / (run_report.markdown_file if run_report else parity.file)
-        raise ParityError(
+        error = ParityError(
             f"{len(failed)} of {len(parity.candidates)} candidates failed their gates ({details}); "
             f"see {where}"
         )
+        # Every rank exits with the run's code, so a scheduler reads the same verdict anywhere.
+        distributed.broadcast_object({"kind": "stop", "code": error.exit_code})
+        raise error
+    distributed.broadcast_object({"kind": "end"})
     return result
 
 

@@ -1,7 +1,7 @@
-"""PNG plots for the report, drawn with matplotlib's Agg backend (no display needed).
+"""PNG plots for the report, drawn through :mod:`xpdeploy.figures` (Agg backend, atomic PNG).
 
-matplotlib is imported inside the plotting function so that importing :mod:`xpdeploy.report` stays
-cheap and works where matplotlib is missing until a plot is actually requested.
+matplotlib is imported only when a plot is drawn, so importing :mod:`xpdeploy.report` stays cheap
+and works where matplotlib is missing until a plot is actually requested.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from xpdeploy.fileio import atomic_path
+from xpdeploy.figures import figure
 
 Bar = tuple[str, float | None, float | None, float | None]
 """(label, p50 ms, p90 ms, speedup vs the original or None)."""
@@ -55,19 +55,13 @@ def plot_latency(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
     One panel per batch size (each with its own y scale, since batch 1 and batch 32 differ by an
     order of magnitude), bars coloured consistently by model, error bars from p50 up to p90, and
-    each candidate's speedup (original p50 / candidate p50) written above its bar. Written
-    atomically: a killed process leaves the old PNG or none, never half a file.
+    each candidate's speedup (original p50 / candidate p50) written above its bar.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = _bars_per_batch(report)
     n = max(len(groups), 1)
     per_panel = len(report["candidates"]) + 1
-    fig, axes = plt.subplots(1, n, figsize=(1.0 + n * (0.9 * per_panel + 1.2), 4.2), squeeze=False)
-    try:
+    with figure(path, 1, n, figsize=(1.0 + n * (0.9 * per_panel + 1.2), 4.2), squeeze=False,
+                dpi=120) as (fig, axes):
         fig.suptitle(f"{report['pipeline']}: p50 latency per batch (error bar to p90)")
         if not groups:
             ax = axes[0][0]
@@ -79,10 +73,6 @@ def plot_latency(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
         fig.tight_layout(rect=(0, 0.12 if handles else 0, 1, 0.93))
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
 
 
 def _draw_panel(ax: Any, batch: int, bars: list[Bar]) -> None:

@@ -1,21 +1,19 @@
 """PNG plots of learned masks: class x unit heatmaps, score distributions, the training curve.
 
 The heatmaps are the "explainable" part of X-Pruner: row c of a block's table says how much each
-head / neuron contributes to predicting class c. matplotlib is imported inside each function (Agg
-backend, no display), and every PNG is written atomically, so a killed process leaves the old file
-or none.
+head / neuron contributes to predicting class c. Drawn through :mod:`xpdeploy.figures` (Agg backend,
+atomic PNG).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xpdeploy.fileio import atomic_path
+from xpdeploy.figures import figure
 
 if TYPE_CHECKING:
     from xpdeploy.prune.units import UnitScores
@@ -23,27 +21,6 @@ if TYPE_CHECKING:
 
 #: Above this many classes the y axis shows a subset of class names (they would overlap).
 MAX_CLASS_TICKS = 20
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-@contextlib.contextmanager
-def _figure(plt: Any, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Iterator[Any]:
-    """``plt.subplots(*args, **kwargs)``; saved atomically to ``path`` on success, always closed."""
-    fig, axes = plt.subplots(*args, **kwargs)
-    try:
-        yield fig, axes
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
 
 
 def plot_class_unit_heatmaps(
@@ -55,7 +32,6 @@ def plot_class_unit_heatmaps(
     initial value), so blocks can be compared at a glance. When some value is negative the scale is
     diverging and centred on 0.
     """
-    plt = _pyplot()
     heads = [t.detach().float().cpu().numpy() for t in masks.heads]
     neurons = [t.detach().float().cpu().numpy() for t in masks.neurons]
     n_blocks, n_classes = len(heads), masks.num_classes
@@ -73,7 +49,7 @@ def plot_class_unit_heatmaps(
     step = max(1, int(np.ceil(n_classes / MAX_CLASS_TICKS)))
     ticks = list(range(0, n_classes, step))
     row_h = min(max(0.18 * n_classes, 1.4), 4.0)
-    with _figure(plt, path, n_blocks, 2, figsize=(11, 0.8 + row_h * n_blocks), squeeze=False,
+    with figure(path, n_blocks, 2, figsize=(11, 0.8 + row_h * n_blocks), squeeze=False,
                  gridspec_kw={"width_ratios": [1, 3]}) as (fig, axes):
         image = None
         for b in range(n_blocks):
@@ -104,9 +80,8 @@ def plot_scores(scores: UnitScores, path: str | os.PathLike[str]) -> None:
     points say more than the box). A flat distribution means the masks carry little ranking
     information (see method.md on convergence).
     """
-    plt = _pyplot()
     rng = np.random.default_rng(0)  # jitter only; fixed so equal inputs give equal images
-    with _figure(plt, path, 1, 2, figsize=(11, 4.2), squeeze=False) as (fig, axes):
+    with figure(path, 1, 2, figsize=(11, 4.2), squeeze=False) as (fig, axes):
         for ax, tables, kind in ((axes[0][0], scores.heads, "heads"),
                                  (axes[0][1], scores.neurons, "neurons")):
             data = [np.asarray(t, dtype=np.float64) for t in tables]
@@ -136,9 +111,8 @@ def plot_curve(history: Sequence[dict[str, float]], path: str | os.PathLike[str]
     """
     from xpdeploy.xpruner.learn import CONVERGED_SHARE
 
-    plt = _pyplot()
     epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
-    with _figure(plt, path, 1, 2, figsize=(10, 3.8), squeeze=False) as (fig, axes):
+    with figure(path, 1, 2, figsize=(10, 3.8), squeeze=False) as (fig, axes):
         ax_loss, ax_moved = axes[0]
         for key in ("loss", "ce", "sparsity", "smoothness"):
             ys = [h.get(key) for h in history]

@@ -309,6 +309,8 @@ class GatesConfig(Section):
     """Pass/fail limits per candidate vs the original. ``null`` turns a gate off."""
 
     max_top1_drop: float | None = Field(0.5, ge=0, description="percentage points")
+    min_top1: float | None = Field(None, ge=0, le=100, description="floor on the candidate's own "
+                                   "top-1 on the verification set, in %")
     min_agreement: float | None = Field(0.99, ge=0, le=1, description="share of equal top-1")
     max_abs_diff: float | None = Field(1e-3, gt=0, description="max abs logit difference")
     min_cosine: float | None = Field(0.999, ge=-1, le=1)

@@ -99,3 +99,14 @@ def test_nan_fails() -> None:
 def test_speedup_gate_without_latency_fails() -> None:
     gate = by_name(evaluate_gates(ALL_ON, **{**GOOD, "speedup": {}}))["min_speedup"]
     assert not gate.passed and gate.value is None and "no latency" in gate.detail
+
+
+def test_the_top1_floor_reads_the_candidates_own_accuracy() -> None:
+    floor = GatesConfig(max_top1_drop=None, min_agreement=None, max_abs_diff=None,
+                        min_cosine=None, min_top1=95.0)
+    ok = by_name(evaluate_gates(floor, top1=96.11, **GOOD))["min_top1"]
+    assert ok.passed and ok.detail == "top-1 96.11 % >= 95.00 %"
+    low = by_name(evaluate_gates(floor, top1=85.83, **GOOD))["min_top1"]
+    assert not low.passed and low.detail == "top-1 85.83 % < 95.00 %"
+    synthetic = by_name(evaluate_gates(floor, top1=None, **{**GOOD, "synthetic": True}))
+    assert synthetic["min_top1"].passed and synthetic["min_top1"].detail == SKIPPED_SYNTHETIC

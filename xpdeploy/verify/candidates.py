@@ -74,7 +74,7 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
         gpu_lat = [latency_stats(c.runner.gpu_times_ms(s.batch)[-cfg.iters:], s.batch)
                    for s in lat_c]
     gates_cfg = c.gates or (cfg.gates if c.source.label == "original" else cfg.pruned_gates)
-    gates = evaluate_gates(gates_cfg, top1_delta=delta, agreement=cmp.agreement,
+    gates = evaluate_gates(gates_cfg, top1=cand_top1, top1_delta=delta, agreement=cmp.agreement,
                            max_abs_diff=cmp.max_abs_diff, cosine=cmp.cosine, speedup=speedup,
                            synthetic=batch.synthetic)
     if cfg.max_export_diff is not None and c.runner.name.startswith("ort-cpu"):

@@ -56,6 +56,7 @@ def _check(
 def evaluate_gates(
     gates: GatesConfig,
     *,
+    top1: float | None = None,
     top1_delta: float | None,
     agreement: float,
     max_abs_diff: float,
@@ -65,7 +66,8 @@ def evaluate_gates(
 ) -> list[GateResult]:
     """One :class:`GateResult` per gate that is on, in the order of :class:`GatesConfig`.
 
-    top1_delta: candidate top-1 minus original top-1, in percentage points (negative = a drop).
+    top1: the candidate's top-1 (%); top1_delta: candidate top-1 minus original top-1, in
+    percentage points (negative = a drop).
     agreement: share (0..1) of samples with the original's top-1 class.
     max_abs_diff: largest absolute logit difference. cosine: mean logit cosine similarity.
     speedup: batch size -> original p50 / candidate p50; the gate reads the worst batch size.
@@ -97,6 +99,13 @@ def evaluate_gates(
                     unit=" pts",
                 )
             )
+    if g.min_top1 is not None:
+        if synthetic or top1 is None:
+            out.append(GateResult(name="min_top1", value=None, limit=g.min_top1, passed=True,
+                                  detail=SKIPPED_SYNTHETIC if synthetic else SKIPPED_NO_TOP1))
+        else:
+            out.append(_check("min_top1", "top-1", top1, g.min_top1, at_most=False, spec=".2f",
+                              unit=" %"))
     if g.min_agreement is not None:
         out.append(
             _check(

@@ -20,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench importable
 from bench.pruning_quality import ROOT, load_base
 from xpdeploy.fileio import write_json_atomic
@@ -30,19 +28,9 @@ from xpdeploy.prune import criteria
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.surgery import prune_model
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.units import UnitScores
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1
-
-
-def choose(scores: UnitScores, budget: KeepSets) -> KeepSets:
-    """In every block, the ``budget``'s number of heads and neurons with the highest ``scores``."""
-    def top(values: np.ndarray, k: int) -> np.ndarray:
-        return np.sort(np.argsort(-values, kind="stable")[:k])
-
-    return KeepSets(
-        heads=[top(s, len(h)) for s, h in zip(scores.heads, budget.heads, strict=True)],
-        neurons=[top(s, len(n)) for s, n in zip(scores.neurons, budget.neurons, strict=True)])
 
 
 def main() -> None:
@@ -70,7 +58,7 @@ def main() -> None:
     rows = []
     for budget_name, budget in budgets.items():
         for choice_name, choice in scores.items():
-            keep = choose(choice, budget)
+            keep = choice.keep_top(budget.head_counts, budget.mlp_widths)
             model = copy.deepcopy(base)
             prune_model(model, keep)
             top1 = evaluate_top1(model, val, batch_size=250, label=f"{budget_name}/{choice_name}")

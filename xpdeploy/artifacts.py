@@ -121,9 +121,10 @@ class PrunePlan(Artifact):
     heads_per_block: list[int]
     mlp_per_block: list[int]
     one_shot_top1: float | None = Field(None, description="val top-1 right after pruning")
+    plots: list[str] = Field(default_factory=list, description="how the budget was allocated")
 
     def files(self) -> list[str]:
-        return [self.file]
+        return [self.file, *self.plots]
 
 
 class VerifySet(Artifact):

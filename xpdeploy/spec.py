@@ -243,9 +243,35 @@ class ThresholdConfig(Section):
     sharpness_start: float = Field(10.0, gt=0, description="n in tanh(n (s - theta)), first step")
     sharpness_end: float = Field(100.0, gt=0, description="n at the last step (annealed)")
     backbone_lr: float | None = Field(None, gt=0, description="also adapt the backbone (small lr)")
+    loss: Literal["ce", "kl"] = Field(
+        "ce", description="data term: ce = cross-entropy on the labels; kl = KL from the unpruned "
+        "model's outputs (no labels, one more forward pass per step)"
+    )
+    budget: Literal["lagrangian", "projection"] = Field(
+        "lagrangian", description="how the MAC budget is held: lagrangian = multipliers by "
+        "gradient ascent (v1); projection = every step shifts all thresholds by one amount so the "
+        "expected MACs equal the target (the search only reallocates)"
+    )
     amp: Literal["auto", "off", "bf16"] = Field(
         "auto", description="backbone autocast: auto = bf16 on GPUs that have it; thresholds fp32"
     )
+
+
+class SensitivityConfig(Section):
+    """``prune.ranking: sensitivity``: per-block budgets from measured loss (prune/sensitivity.py).
+
+    Every (block, unit type) is cut alone to each kept count of a grid in the criterion's order,
+    and the KL from the original's outputs measured on a fixed, seeded set of train images; the
+    per-block counts with the least summed KL at the MAC budget are then solved for exactly.
+    """
+
+    images: int = Field(1000, gt=0, description="train images every cut is measured on (torchrun:"
+                        " split over the processes)")
+    batch_size: int = Field(250, gt=0, description="images per forward pass, per process")
+    mlp_step: int = Field(32, gt=0, description="MLP widths measured every this many neurons "
+                          "(interpolated between); every head count is measured")
+    refine: int = Field(1, ge=0, description="re-measure around the chosen budgets and solve "
+                        "again, up to this many times")
 
 
 class PruneConfig(Section):
@@ -254,7 +280,7 @@ class PruneConfig(Section):
     criterion: Literal["xpruner", "xpruner_taylor", "magnitude", "taylor", "random"] = "xpruner"
     target_gmacs: float | None = Field(None, gt=0, description="kept MACs per image, in 1e9")
     target_ratio: float | None = Field(None, gt=0, lt=1, description="kept / original MACs")
-    ranking: Literal["global", "threshold"] = "global"
+    ranking: Literal["global", "threshold", "sensitivity"] = "global"
     normalize: Literal["type", "block", "none"] = "type"
     min_heads_per_block: int = Field(1, ge=1)
     round_mlp_to: int = Field(8, ge=1, description="kept MLP widths are multiples of this")
@@ -265,6 +291,7 @@ class PruneConfig(Section):
     tolerance: float = Field(0.005, gt=0, lt=0.5, description="accepted shortfall below target")
     taylor_images: int = Field(1280, gt=0, description="taylor: train images for the gradients")
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     plan_file: Path | None = Field(
         None, description="replay a saved plan.json (kept units per block) instead of planning"
     )

@@ -14,6 +14,7 @@ from xpdeploy.prune.criteria import magnitude_scores
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints
 from xpdeploy.prune.threshold import (
+    BLOCK_KEYS,
     HISTORY_KEYS,
     ThresholdResult,
     initial_thresholds,
@@ -154,3 +155,53 @@ def test_bf16_autocast_keeps_thresholds_and_expected_macs_fp32(setup) -> None:
     assert all(np.isfinite(h["ce"]) for h in result.history)
     target = 0.5 * macs.original
     assert macs.macs(result.keep.head_counts, result.keep.mlp_widths) <= target
+
+
+def test_history_records_every_blocks_counts_thresholds_and_gradients(setup) -> None:
+    result = _search(setup, cfg={"loss": "kl"})
+    blocks = len(result.thresholds)
+    for h in result.history:
+        assert all(len(h[k]) == blocks for k in BLOCK_KEYS)
+        assert all(np.isfinite(v) for k in BLOCK_KEYS for v in h[k])
+    # the record is taken before each step's update: step t's thresholds are step t-1's, moved
+    first, second = result.history[0], result.history[1]
+    assert first["theta_heads"] != second["theta_heads"]
+
+
+def test_projection_holds_the_budget_at_every_step(setup) -> None:
+    _, scores, _ = setup
+    result = _search(setup, cfg={"budget": "projection"}, initial=_low_start(scores))
+    # a start far from the budget (R < 0.3 without the projection) is on it from the first step
+    assert all(abs(h["R"] - result.alpha) < 1e-4 for h in result.history)
+    assert all(h["beta"] == h["gamma"] == 0.0 for h in result.history)  # no multiplier needed
+    # no block's thresholds ever cut below the floors (a block's last head, say), so the repair
+    # never has to buy units back from other blocks
+    assert all(min(h["kept_heads"]) >= 1 and min(h["kept_neurons"]) >= 1 for h in result.history)
+
+
+def _misled_scores(macs: MacModel) -> UnitScores:
+    """Scores that rank block 1's neurons far above block 0's (and heads alike)."""
+    return UnitScores(heads=[np.ones(h) for h in macs.heads],
+                      neurons=[np.linspace(0.1, 0.5, macs.mlp[0]),
+                               np.linspace(1.5, 1.9, macs.mlp[1])])
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_the_allocation_moves_to_the_block_whose_units_matter(setup, loss: str) -> None:
+    """Block 1's MLP barely reaches the output (fc2 scaled by 1e-3) while the scores rank its
+    neurons above block 0's, so the common-quantile start keeps block 1's and cuts block 0's. The
+    loss asks for the opposite; the record must show the neurons moving from block 1 to block 0.
+    (The first version's search did not: Adam moved every threshold by about lr together.) The
+    labels are the model's own predictions, so that CE, too, asks to keep what the model does."""
+    macs, _, batches = setup
+    model = _model()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight.mul_(1e-3)
+        batches = [(x, model(x).argmax(-1)) for x, _ in batches]
+    scores = _misled_scores(macs).normalized("type")
+    cfg = ThresholdConfig(steps=60, loss=loss, budget="projection", lr=0.05)
+    result = threshold_search(model, scores, macs, batches, cfg, 0.6 * macs.original, EXACT)
+    start, end = result.history[0]["kept_neurons"], result.history[-1]["kept_neurons"]
+    assert start[0] < start[1]  # where the scores put it
+    assert end[0] > start[0] + 20 and end[1] < start[1] - 20, (start, end)
+    assert result.keep.mlp_widths[0] > result.keep.mlp_widths[1]

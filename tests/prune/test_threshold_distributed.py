@@ -41,14 +41,15 @@ def _data() -> torch.utils.data.TensorDataset:
                                           torch.randint(0, 10, (64,), generator=g))
 
 
-def _search(batch_size: int, backbone_lr: float | None) -> tuple[ThresholdResult, list[Any]]:
+def _search(batch_size: int, backbone_lr: float | None,
+            **v2: Any) -> tuple[ThresholdResult, list[Any]]:
     """A 12-step search on this rank's shard; the result and the backbone's weights after it."""
     model = _model()
     macs = MacModel.from_model(model, (3, 16, 16))
     scores = magnitude_scores(model).normalized("type")
     batches = shuffled_batches(_data(), batch_size, seed=0, rank=distributed.rank(),
                                world_size=distributed.world_size())
-    cfg = ThresholdConfig(steps=12, backbone_lr=backbone_lr)
+    cfg = ThresholdConfig(steps=12, backbone_lr=backbone_lr, **v2)
     result = threshold_search(model, scores, macs, batches, cfg, 0.5 * macs.original, EXACT)
     return result, [p.detach().clone() for p in model.parameters()]
 
@@ -56,7 +57,9 @@ def _search(batch_size: int, backbone_lr: float | None) -> tuple[ThresholdResult
 def _search_on_rank(batch_size: int) -> dict[str, Any]:
     frozen, _ = _search(batch_size, None)
     adapted, weights = _search(batch_size, 1e-3)
-    return {"rank": distributed.rank(), "frozen": frozen, "adapted": adapted, "weights": weights}
+    projected, _ = _search(batch_size, None, loss="kl", budget="projection")
+    return {"rank": distributed.rank(), "frozen": frozen, "adapted": adapted, "weights": weights,
+            "projected": projected}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def _assert_same_search(a: ThresholdResult, b: ThresholdResult, atol: float) -> 
 def test_ranks_end_with_identical_thresholds(ranks) -> None:
     first, second = ranks
     assert [first["rank"], second["rank"]] == [0, 1]
-    for key in ("frozen", "adapted"):
+    for key in ("frozen", "adapted", "projected"):
         a, b = first[key], second[key]
         # bit-identical: the same averaged gradients, hence the same Adam steps and multipliers
         assert a.thresholds == b.thresholds and a.history == b.history, key
@@ -92,6 +95,8 @@ def test_two_ranks_search_as_one_process_with_twice_the_batch(ranks) -> None:
     adapted, weights = _search(2 * PER_RANK_BATCH, 1e-3)
     _assert_same_search(ranks[0]["adapted"], adapted, ATOL)
     assert adapted.backbone_adapted
+    projected, _ = _search(2 * PER_RANK_BATCH, None, loss="kl", budget="projection")
+    _assert_same_search(ranks[0]["projected"], projected, ATOL)
     for wa, wb in zip(ranks[0]["weights"], weights, strict=True):
         torch.testing.assert_close(wa, wb, atol=ATOL, rtol=0)
 

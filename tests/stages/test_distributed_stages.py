@@ -19,7 +19,7 @@ from tests.conftest import tiny_pipeline_dict, write_pipeline
 from tests.distributed_utils import run_ranks
 from xpdeploy import distributed
 from xpdeploy.artifacts import TorchModel
-from xpdeploy.spec import PipelineSpec, load_spec
+from xpdeploy.spec import PipelineSpec, SensitivityConfig, load_spec
 from xpdeploy.stages.context import StageContext
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,12 @@ def _stages_on_rank(spec: PipelineSpec, run_dir: Path, model: TorchModel) -> dic
     magnitude = spec.model_copy(update={"prune": spec.prune.model_copy(
         update={"criterion": "magnitude", "ranking": "global"})})
     plain = prune.run(_context(magnitude, run_dir, "04_prune_magnitude"), model)
-    return {"learned": sorted(learned), "pruned": sorted(pruned), "plain": sorted(plain)}
+    measured = spec.model_copy(update={"prune": spec.prune.model_copy(update={
+        "ranking": "sensitivity",
+        "sensitivity": SensitivityConfig(images=64, batch_size=16, mlp_step=32)})})
+    allocated = prune.run(_context(measured, run_dir, "05_prune_sensitivity"), model, masks)
+    return {"learned": sorted(learned), "pruned": sorted(pruned), "plain": sorted(plain),
+            "allocated": sorted(allocated)}
 
 
 def test_rank_0_alone_writes_and_returns_the_outputs(tmp_path: Path) -> None:
@@ -64,11 +69,14 @@ def test_rank_0_alone_writes_and_returns_the_outputs(tmp_path: Path) -> None:
     model = load.run(StageContext("load", run_dir, run_dir / "01_load", spec, "f"))["model"]
     first, second = run_ranks(_stages_on_rank, 2, spec, run_dir, model)
 
-    assert first == {"learned": ["masks"], "pruned": ["model", "plan"], "plain": ["model", "plan"]}
-    assert second == {"learned": [], "pruned": [], "plain": []}
+    assert first == {"learned": ["masks"], "pruned": ["model", "plan"], "plain": ["model", "plan"],
+                     "allocated": ["model", "plan"]}
+    assert second == {"learned": [], "pruned": [], "plain": [], "allocated": []}
     assert [p for p in run_dir.glob("*.rank1/**/*") if p.is_file()] == []
     learned = {p.name for p in (run_dir / "02_learn_masks").rglob("*") if p.is_file()}
     assert {"masks.safetensors", "scores.json", "history.json", "masks.pt"} <= learned
     plan = json.loads((run_dir / "03_prune" / "plan.json").read_text())
     assert plan["ranking"] == "threshold" and len(plan["threshold_history"]) == THRESHOLD_STEPS
     assert (run_dir / "04_prune_magnitude" / "plan.json").is_file()
+    allocated = json.loads((run_dir / "05_prune_sensitivity" / "plan.json").read_text())
+    assert allocated["sensitivity"]["rounds"][0]["curves"]["images"] == 64  # both ranks' halves

@@ -25,7 +25,8 @@ def _pipeline(tmp_path: Path, criterion: str, ranking: str = "global", **extra):
     d["learn_masks"] = {"epochs": 1, "batch_size": 128, "max_images": 256}
     d["prune"] = {"criterion": criterion, "target_ratio": 0.6, "ranking": ranking,
                   "round_mlp_to": 8, "taylor_images": 128, "block_floors": {0: [2, 64]},
-                  "threshold": {"steps": 5, "batch_size": 32}}
+                  "threshold": {"steps": 5, "batch_size": 32},
+                  "sensitivity": {"images": 128, "batch_size": 64, "mlp_step": 32}}
     d["finetune"] = {"epochs": 1, "batch_size": 64, "max_images": 256, "warmup_epochs": 0}
     d.update(extra)
     return load_spec(write_pipeline(tmp_path / "p.yaml", d))
@@ -42,7 +43,7 @@ def _run_passing(spec, run_dir: Path) -> dict:
 
 @pytest.mark.parametrize(("criterion", "ranking"), [
     ("xpruner", "global"), ("magnitude", "global"), ("taylor", "global"), ("random", "global"),
-    ("xpruner", "threshold"),
+    ("xpruner", "threshold"), ("xpruner", "sensitivity"), ("taylor", "sensitivity"),
 ])
 def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: str) -> None:
     spec = _pipeline(tmp_path, criterion, ranking)
@@ -61,6 +62,14 @@ def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: st
     assert names["pruned.onnx"]["gmacs"] == pytest.approx(pruning["gmacs_after"])
     plan = json.loads((run_dir / "04_prune" / "plan.json").read_text())
     assert [len(b["kept_heads"]) for b in plan["blocks"]] == pruning["heads"]
+    if ranking != "global":  # how the allocation was decided, plotted and in the report
+        assert f"![04_prune/{ranking}.png](04_prune/{ranking}.png)" in (
+            run_dir / "report.md").read_text()
+        assert (run_dir / "04_prune" / f"{ranking}.png").stat().st_size > 10_000
+    if ranking == "sensitivity":
+        rounds = plan["sensitivity"]["rounds"]
+        assert rounds[0]["curves"]["images"] == 128 and rounds[-1]["heads"] == pruning["heads"]
+        assert plan["sensitivity"]["plan_loss"] >= 0.0
     if criterion == "xpruner":
         assert (run_dir / "03_learn_masks" / "masks_heatmap.png").is_file()
         assert "## Pruning" in (run_dir / "report.md").read_text()
@@ -139,7 +148,7 @@ def test_saved_plan_replays_on_a_fresh_run(tmp_path: Path) -> None:
     assert again["replayed_from"].endswith("plan.json")
 
 
-@pytest.mark.parametrize("ranking", ["global", "threshold"])
+@pytest.mark.parametrize("ranking", ["global", "threshold", "sensitivity"])
 def test_swin_pipeline_end_to_end(tmp_path: Path, ranking: str) -> None:
     """A Swin through learn_masks, prune, finetune, export, simplify, verify and report: blocks of
     both stages pruned, MACs on target, ONNX files of the pruned Swin verified in onnxruntime."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,21 @@ class UnitScores:
 
         f = by_type if mode == "type" else by_block
         return UnitScores(heads=f(self.heads), neurons=f(self.neurons))
+
+    def best_first(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each block's head and neuron indices by descending score, ties by ascending index:
+        the criterion's within-block order (a block cut to k keeps the first k)."""
+        def order(s: np.ndarray) -> np.ndarray:
+            s = np.asarray(s, dtype=np.float64)
+            return np.lexsort((np.arange(s.size), -s))
+
+        return [order(s) for s in self.heads], [order(s) for s in self.neurons]
+
+    def keep_top(self, heads: Sequence[int], mlp: Sequence[int]) -> KeepSets:
+        """In every block b, the ``heads[b]`` best heads and ``mlp[b]`` best neurons."""
+        order_h, order_n = self.best_first()
+        return KeepSets(heads=[np.sort(o[:k]) for o, k in zip(order_h, heads, strict=True)],
+                        neurons=[np.sort(o[:k]) for o, k in zip(order_n, mlp, strict=True)])
 
     def to_json(self) -> dict[str, list[list[float]]]:
         return {"heads": [t.tolist() for t in self.heads],

@@ -1,17 +1,18 @@
 """``prune``: unit scores of one criterion -> a plan at the MAC budget -> the pruned model.
 
-Under torchrun only ``ranking: threshold`` is collective: rank 0 computes the scores and shares
-them, every rank runs the threshold search on its shard of the train split
-(``prune.threshold.batch_size`` images per rank per step), and rank 0 alone prunes, evaluates and
-writes. Every other way of planning (global ranking, a replayed plan) is cheap or not data
-parallel, so rank 0 does it alone and the other ranks return at once. The other ranks return no
-outputs; the executor hands rank 0's to every rank.
+Under torchrun ``ranking: threshold`` and ``ranking: sensitivity`` are collective: rank 0
+computes the scores and shares them, every rank searches (threshold: ``prune.threshold.batch_size``
+images per rank per step) or measures (sensitivity: its share of ``prune.sensitivity.images``) on
+its shard of the train split, and rank 0 alone prunes, evaluates and writes. The other ways of
+planning (global ranking, a replayed plan) are cheap, so rank 0 does them alone and the other
+ranks return at once. The other ranks return no outputs; the executor hands rank 0's to every
+rank.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
@@ -23,6 +24,7 @@ from xpdeploy.models.macs import count_gmacs, count_params_m
 from xpdeploy.progress import log
 from xpdeploy.prune.macs import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global, plan_summary
+from xpdeploy.prune.plots import plot_allocation
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
 from xpdeploy.spec import MASK_CRITERIA
@@ -60,9 +62,47 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
         else taylor
 
 
+def _shared_scores(ctx: StageContext, net: nn.Module, model: TorchModel, masks: MaskSet | None,
+                   macs: MacModel) -> UnitScores:
+    """The criterion's scores on every rank: rank 0 scores alone (taylor reads data) and shares
+    them, so every rank plans with the very same scores."""
+    return distributed.broadcast_object(
+        _scores(ctx, net, model, masks, macs) if distributed.is_main() else None)
+
+
+def _sensitivity_plan(ctx: StageContext, net: nn.Module, model: TorchModel,
+                      masks: MaskSet | None, macs: MacModel, target: float,
+                      constraints: PlanConstraints) -> tuple[KeepSets, dict[str, Any]]:
+    """Keep sets of the sensitivity allocator and what plan.json records of it (collective).
+
+    The images are one seeded set of the train split (the first ``images`` of epoch 0's global
+    order), each rank measuring its shard; ``net`` is back on the CPU afterwards, unchanged.
+    """
+    import time
+
+    from xpdeploy.prune.sensitivity import sensitivity_plan
+    from xpdeploy.training.batches import fixed_images
+
+    spec, cfg = ctx.spec, ctx.spec.prune
+    assert cfg is not None
+    scores = _shared_scores(ctx, net, model, masks, macs)
+    sens = cfg.sensitivity
+    train = open_split(spec.data, model.data_config, "train",
+                       num_classes=model.arch.num_classes, seed=spec.seed)
+    batches = fixed_images(train, sens.images, sens.batch_size, seed=spec.seed,
+                           workers=spec.data.workers, rank=distributed.rank(),
+                           world_size=distributed.world_size())
+    t0 = time.monotonic()
+    net.to(distributed.device())
+    result = sensitivity_plan(net, scores, batches, macs, target, constraints,
+                              mlp_step=sens.mlp_step, refine=sens.refine)
+    net.to("cpu")
+    return result.keep, {"sensitivity": {**result.to_json(), "seconds": time.monotonic() - t0}}
+
+
 def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks: MaskSet | None,
                     macs: MacModel, target: float, constraints: PlanConstraints
-                    ) -> tuple[KeepSets, dict[str, object]]:
+                    ) -> tuple[KeepSets, dict[str, Any]]:
     """Keep sets of the threshold search and what plan.json records of it (collective).
 
     The search runs on this rank's device and shard; ``net`` is back on the CPU afterwards (adapted
@@ -72,9 +112,7 @@ def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks:
 
     spec, cfg = ctx.spec, ctx.spec.prune
     assert cfg is not None
-    # Rank 0 scores alone (taylor reads data), so every rank searches with the very same scores.
-    scores = distributed.broadcast_object(
-        _scores(ctx, net, model, masks, macs) if distributed.is_main() else None)
+    scores = _shared_scores(ctx, net, model, masks, macs)
     train = open_split(spec.data, model.data_config, "train",
                        num_classes=model.arch.num_classes, seed=spec.seed)
     batches = shuffled_batches(train, cfg.threshold.batch_size, seed=spec.seed,
@@ -85,14 +123,14 @@ def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks:
                               cfg.threshold, target, constraints, seed=spec.seed)
     net.to("cpu")
     return result.keep, {"thresholds": result.thresholds, "threshold_history": result.history,
-                         "backbone_adapted": result.backbone_adapted}
+                         "alpha": result.alpha, "backbone_adapted": result.backbone_adapted}
 
 
 def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         ) -> dict[str, Artifact]:
     spec, cfg = ctx.spec, ctx.spec.prune
     assert cfg is not None  # PipelineSpec.check_runnable
-    collective = cfg.plan_file is None and cfg.ranking == "threshold"
+    collective = cfg.plan_file is None and cfg.ranking in ("threshold", "sensitivity")
     if not collective and not distributed.is_main():
         return {}  # rank 0 plans alone
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
@@ -106,14 +144,15 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
     else:
         target = cfg.target_ratio * macs.original
     constraints = PlanConstraints.from_config(cfg)
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = {}
     if replay is not None:
         keep, extra = replay, {"replayed_from": str(cfg.plan_file)}
     elif cfg.ranking == "global":
         scores = _scores(ctx, net, model, masks, macs)
         keep = plan_global(scores, macs, target, constraints, cfg.normalize)
     else:
-        keep, extra = _threshold_plan(ctx, net, model, masks, macs, target, constraints)
+        plan_by = _threshold_plan if cfg.ranking == "threshold" else _sensitivity_plan
+        keep, extra = plan_by(ctx, net, model, masks, macs, target, constraints)
         if not distributed.is_main():
             return {}
     params_before = count_params_m(net)
@@ -130,6 +169,7 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         "target_gmacs": target / 1e9, "summary": plan_summary(keep, macs),
         "blocks": keep.to_json(), "mac_model": macs.to_json(), **extra,
     })
+    plots = plot_allocation(extra, keep.head_counts, keep.mlp_widths, ctx.stage_dir)
     val = open_split(spec.data, model.data_config, "val", num_classes=model.arch.num_classes,
                      seed=spec.seed)
     one_shot = None if val.synthetic else evaluate_top1(
@@ -144,6 +184,7 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         normalize=cfg.normalize, target_gmacs=target / 1e9, gmacs_before=macs.original / 1e9,
         gmacs_after=gmacs, params_before_m=params_before, params_after_m=params_after,
         heads_per_block=keep.head_counts, mlp_per_block=keep.mlp_widths, one_shot_top1=one_shot,
+        plots=[ctx.rel(p) for p in plots],
     )
     pruned = model.model_copy(update={
         "label": "pruned", "arch_file": ctx.rel(arch_path), "weights_file": ctx.rel(weights_path),
@@ -151,5 +192,3 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
         "top1_samples": len(val) if one_shot is not None else 0,
     })
     return {"plan": plan, "model": pruned}
-
-

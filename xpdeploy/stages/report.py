@@ -29,7 +29,7 @@ def _pruning(plan: PrunePlan, masks: MaskSet | None, pruned: TorchModel | None
         "params_after_m": plan.params_after_m, "heads": plan.heads_per_block,
         "mlp": plan.mlp_per_block, "one_shot_top1": plan.one_shot_top1, "plan": plan.file,
         "masks_converged": masks.converged if masks else None,
-        "plots": masks.plots if masks else [],
+        "plots": [*(masks.plots if masks else []), *plan.plots],
     }
 
 

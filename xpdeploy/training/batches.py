@@ -1,4 +1,5 @@
-"""Seeded, endless streams of training batches for the search loops (taylor, thresholds)."""
+"""Seeded batches for the search loops: endless streams (taylor, thresholds) and one fixed set
+(sensitivity)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def shuffled_batches(
         for pixels, labels in loader:
             yield pixels.float(), labels
         epoch += 1
+
+
+def fixed_images(
+    dataset: Dataset, images: int, batch_size: int, *, seed: int, workers: int = 0, rank: int = 0,
+    world_size: int = 1,
+) -> list[torch.Tensor]:
+    """One fixed, seeded set of ``images`` images (pixels only), as this rank's batches.
+
+    The first ``images`` of epoch 0's global order (:func:`rank_shard`), so a world of one and a
+    world of N hold the same images, split (exactly when N divides ``images``). For measurements
+    repeated on the same images (the sensitivity curves); held in memory.
+    """
+    from torch.utils.data import DataLoader
+
+    mine = rank_shard(len(dataset), per_epoch=images, seed=seed, epoch=0, rank=rank,  # type: ignore[arg-type]
+                      world_size=world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=mine, num_workers=workers)
+    return [pixels.float() for pixels, _ in loader]
 
 
 def rank_shard(n: int, *, per_epoch: int | None, seed: int, epoch: int, rank: int = 0,

@@ -1,0 +1,94 @@
+"""prune/allocation: the knapsack over per-block kept counts (pure numpy + HiGHS, fast)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from xpdeploy.errors import PruneError
+from xpdeploy.prune.allocation import kept_counts, solve_budgets
+from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.planner import PlanConstraints
+from xpdeploy.prune.sensitivity import LossCurve, SensitivityCurves
+
+# Three blocks of 3 heads and 32 neurons with unequal costs (a Swin-like mix): small enough to
+# enumerate every combination (4^3 head counts x 5^3 widths at round 8 = 8,000).
+MACS = MacModel(fixed=100.0, head_cost=(90.0, 70.0, 40.0), neuron_cost=(3.0, 2.0, 5.0),
+                heads=(3, 3, 3), mlp=(32, 32, 32))
+ROUND8 = PlanConstraints(round_mlp_to=8, min_mlp_per_block=8, tolerance=0.02)
+
+
+def _curves(seed: int) -> SensitivityCurves:
+    """Random decreasing curves, 0 at the full size; MLP measured every 16 (interpolated at 8)."""
+    rng = np.random.default_rng(seed)
+
+    def curve(kept: list[int]) -> LossCurve:
+        drops = np.sort(rng.random(len(kept) - 1) * rng.uniform(0.1, 3.0))[::-1]
+        return LossCurve(tuple(kept), (*np.cumsum(drops[::-1])[::-1].tolist(), 0.0))
+
+    return SensitivityCurves(heads=[curve([1, 2, 3]) for _ in range(3)],
+                             neurons=[curve([8, 16, 32]) for _ in range(3)], images=100)
+
+
+def _brute_force(curves: SensitivityCurves, target: float, c: PlanConstraints,
+                 band: bool = True) -> tuple[float, tuple[int, ...]]:
+    heads = [kept_counts(3, 1, 1)] * 3
+    mlp = [kept_counts(32, 8, c.round_mlp_to)] * 3
+    best: tuple[float, tuple[int, ...]] | None = None
+    for pick in itertools.product(*heads, *mlp):
+        m = MACS.macs(pick[:3], pick[3:])
+        if m > target or (band and m < target * (1 - c.tolerance)):
+            continue
+        loss = sum(curves.heads[b].at(pick[b]) + curves.neurons[b].at(pick[3 + b])
+                   for b in range(3))
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, pick)
+    assert best is not None, "no combination in the band: choose another ratio"
+    return best
+
+
+@pytest.mark.parametrize("seed,ratio", [(0, 0.5), (1, 0.6), (2, 0.4), (3, 0.75)])
+def test_the_solver_finds_the_brute_force_optimum_inside_the_budget(seed: int,
+                                                                    ratio: float) -> None:
+    curves = _curves(seed)
+    target = ratio * MACS.original
+    got = solve_budgets(curves, MACS, target, ROUND8)
+    loss, _ = _brute_force(curves, target, ROUND8)
+    assert got.predicted_loss == pytest.approx(loss, abs=1e-9)
+    m = MACS.macs(got.heads, got.mlp)
+    assert target * (1 - ROUND8.tolerance) <= m <= target
+    assert all(w % 8 == 0 for w in got.mlp)
+    assert got == solve_budgets(curves, MACS, target, ROUND8)  # deterministic
+
+
+def test_without_a_combination_in_the_band_the_best_under_the_target_is_taken() -> None:
+    narrow = PlanConstraints(round_mlp_to=8, min_mlp_per_block=8, tolerance=1e-4)
+    curves, target = _curves(4), 0.55 * MACS.original
+    with pytest.raises(AssertionError, match="no combination in the band"):
+        _brute_force(curves, target, narrow)
+    got = solve_budgets(curves, MACS, target, narrow)
+    assert got.predicted_loss == pytest.approx(_brute_force(curves, target, narrow, False)[0])
+    assert MACS.macs(got.heads, got.mlp) <= target
+
+
+def test_a_block_that_costs_nothing_to_cut_is_cut_first() -> None:
+    flat = LossCurve((8, 16, 32), (0.0, 0.0, 0.0))
+    steep = LossCurve((8, 16, 32), (9.0, 4.0, 0.0))
+    curves = SensitivityCurves(heads=[LossCurve((1, 2, 3), (5.0, 2.0, 0.0))] * 3,
+                               neurons=[steep, flat, steep], images=10)
+    got = solve_budgets(curves, MACS, MACS.macs((3, 3, 3), (32, 8, 32)) + 1, ROUND8)
+    assert got.mlp == [32, 8, 32] and got.heads == [3, 3, 3]
+
+
+def test_a_budget_below_the_floors_is_refused() -> None:
+    with pytest.raises(PruneError, match="no per-block budget fits"):
+        solve_budgets(_curves(0), MACS, MACS.macs((1, 1, 1), (8, 8, 8)) - 1, ROUND8)
+
+
+def test_kept_counts_are_the_floor_the_multiples_and_the_full_size() -> None:
+    assert kept_counts(32, 8, 8) == [8, 16, 24, 32]
+    assert kept_counts(30, 5, 8) == [5, 8, 16, 24, 30]
+    assert kept_counts(3, 1, 1) == [1, 2, 3]
+    assert kept_counts(4, 9, 8) == [4]

@@ -50,6 +50,8 @@ from xpdeploy.training.batches import fixed_images, shuffled_batches
 from xpdeploy.training.distill import Distiller
 from xpdeploy.training.evaluate import evaluate_top1
 from xpdeploy.training.loop import train_model
+from xpdeploy.xpruner.learn import load_masks
+from xpdeploy.xpruner.masks import coverage_scores
 
 CRITERIA = ("xpruner", "taylor", "magnitude", "random")
 #: Within-block orders tried for the x-pruner masks (issue 15, item 3): the product's hybrid with
@@ -57,7 +59,10 @@ CRITERIA = ("xpruner", "taylor", "magnitude", "random")
 EXPERIMENTS = ("xpruner_taylor", "xpruner_coverage")
 ALLOCATORS = ("global", "threshold", "sensitivity")
 #: Arguments that do not change a row's numbers (the resume key leaves them out).
-NOT_SETTINGS = ("criteria", "allocators", "ratios", "seeds", "out", "markdown", "curves_cache")
+#: The allocators' own settings are not in it either: they are part of each row's identity, so
+#: several threshold or sensitivity settings can sit side by side in one file.
+NOT_SETTINGS = ("criteria", "allocators", "ratios", "seeds", "out", "markdown", "curves_cache",
+                "threshold", "sensitivity")
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +74,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="its finetune section is the fine-tuning budget")
     p.add_argument("--xpruner-scores", type=Path,
                    default=ROOT / "bench/results/xpruner_teacher_scores.json")
-    p.add_argument("--xpruner-masks", type=Path, default=None,
+    p.add_argument("--xpruner-masks", type=Path,
+                   default=ROOT / "bench/results/xpruner_teacher_masks.safetensors",
                    help="masks.safetensors of the same learn_masks run (for xpruner_coverage)")
     p.add_argument("--criteria", default=",".join(CRITERIA),
                    help=f"any of {', '.join(CRITERIA + EXPERIMENTS)}")
@@ -97,25 +103,6 @@ def _settings_key(args: argparse.Namespace) -> str:
     return sha256_json(settings)
 
 
-def coverage_scores(tables: dict[str, Any], blocks: int) -> UnitScores:
-    """Class coverage: a unit ranks by the best place it takes in any one class's order.
-
-    In every block, each class orders the units by |mask| (its own row); a unit's key is its best
-    (lowest) place over the classes, so a cut to k keeps, for every class, the units that matter
-    most to it first; ties by the plain sum over classes (the x-pruner score). Higher = kept.
-    """
-    import numpy as np
-
-    def one(t: Any) -> np.ndarray:
-        m = t.abs().double().numpy()  # (classes, units)
-        place = np.argsort(np.argsort(-m, axis=1, kind="stable"), axis=1, kind="stable")
-        total = m.sum(0)
-        return (m.shape[1] - place.min(0)) + 0.5 * total / max(float(total.max()), 1e-12)
-
-    return UnitScores(heads=[one(tables[f"heads.{b}"]) for b in range(blocks)],
-                      neurons=[one(tables[f"neurons.{b}"]) for b in range(blocks)])
-
-
 def summarize(seeds: dict[str, float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation of the fine-tuned top-1 over seeds (None if absent)."""
     values = list(seeds.values())
@@ -124,15 +111,27 @@ def summarize(seeds: dict[str, float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def allocator_label(row: dict[str, Any]) -> str:
+    """The allocator and the settings that tell its rows apart (threshold loss and budget,
+    sensitivity refinement)."""
+    c = row["config"]
+    if row["allocator"] == "threshold":
+        return f"threshold ({c['loss']}, {c['budget']})"
+    if row["allocator"] == "sensitivity":
+        return f"sensitivity (refine {c['refine']})"
+    return row["allocator"]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per (ratio, criterion, allocator)."""
     lines = ["| ratio | criterion | allocator | one-shot top-1 | fine-tuned top-1 (mean +- sd, "
              "seeds) | heads per block | MLP per block | plan s |",
              "|---:|---|---|---:|---:|---|---|---:|"]
-    for r in sorted(rows, key=lambda r: (r["ratio"], r["criterion"], r["allocator"])):
+    for r in sorted(rows, key=lambda r: (r["ratio"], r["criterion"], r["allocator"],
+                                         json.dumps(r["config"], sort_keys=True))):
         mean, sd = summarize(r["finetuned"])
         tuned = f"{mean:.2f} +- {sd:.2f} ({len(r['finetuned'])})" if mean is not None else "-"
-        lines.append(f"| {r['ratio']:.1f} | {r['criterion']} | {r['allocator']} | "
+        lines.append(f"| {r['ratio']:.1f} | {r['criterion']} | {allocator_label(r)} | "
                      f"{r['one_shot_top1']:.2f} | {tuned} | {', '.join(map(str, r['heads']))} | "
                      f"{', '.join(map(str, r['mlp']))} | {r['plan_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -174,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
 
     scores_cache: dict[str, UnitScores] = {}
 
+    def allocator_config(allocator: str) -> dict[str, Any]:
+        """The settings of ``allocator`` that decide its rows (none for the global queue)."""
+        cfg = {"threshold": threshold_cfg, "sensitivity": sens_cfg}.get(allocator)
+        return cfg.model_dump(mode="json") if cfg is not None else {}
+
     def scores_for(name: str) -> UnitScores:
         if name not in scores_cache:
             t0 = time.monotonic()
@@ -184,10 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                                            args.taylor_images)
             elif name == "xpruner_taylor":
                 s = criteria.hybrid_scores(scores_for("xpruner"), scores_for("taylor"))
-            elif name == "xpruner_coverage":
-                from safetensors.torch import load_file
-
-                s = coverage_scores(load_file(str(args.xpruner_masks)), len(macs.heads))
+            elif name == "xpruner_coverage":  # what prune.mask_score: coverage ranks by
+                s = coverage_scores(load_masks(args.xpruner_masks, base, 10))
             elif name == "magnitude":
                 s = criteria.magnitude_scores(base)
             else:
@@ -229,8 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     for ratio in ratios:
         for criterion in args.criteria.split(","):
             for allocator in args.allocators.split(","):
-                row = next((r for r in rows if (r["criterion"], r["allocator"], r["ratio"])
-                            == (criterion, allocator, ratio)), None)
+                config = allocator_config(allocator)
+                row = next((r for r in rows if (r["criterion"], r["allocator"], r["ratio"],
+                                                r["config"])
+                            == (criterion, allocator, ratio, config)), None)
                 if row is None:
                     t0 = time.monotonic()
                     keep, extra = plan(criterion, allocator, ratio * macs.original)
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                     one_shot = evaluate_top1(pruned, val, batch_size=250,
                                              label=f"{criterion}/{allocator} one-shot")
                     row = {"criterion": criterion, "allocator": allocator, "ratio": ratio,
+                           "config": config,
                            "heads": keep.head_counts, "mlp": keep.mlp_widths,
                            "gmacs": macs.macs(keep.head_counts, keep.mlp_widths) / 1e9,
                            "one_shot_top1": one_shot, "plan_seconds": seconds,

@@ -63,7 +63,7 @@ def bundled_run(tmp_path_factory: pytest.TempPathFactory) -> BundledRun:
     make_manifest(images, 4, 0, tmp / "calib.txt")
     spec_dict = tiny_pipeline_dict(
         stages=STAGES,
-        prune={"criterion": "magnitude", "target_ratio": 0.6},
+        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
         build_engine={"precision": "best", "calibration": str(tmp / "calib.txt"),
                       "calibration_batch_size": 2},
     )

@@ -242,3 +242,16 @@ def test_the_quickstart_gates_its_documented_floors() -> None:
     readme = (root / "README.md").read_text()
     assert f"floors of {floors[0]:.1f}% (original) and {floors[1]:.1f}% (pruned)" in readme
 
+
+def test_mask_score_auto_and_coverage_only_under_sensitivity(tmp_path: Path) -> None:
+    from xpdeploy.spec import PruneConfig
+
+    assert PruneConfig(target_ratio=0.5, ranking="sensitivity").effective_mask_score == "coverage"
+    assert PruneConfig(target_ratio=0.5, ranking="global").effective_mask_score == "sum"
+    assert PruneConfig(target_ratio=0.5, ranking="sensitivity",
+                       mask_score="sum").effective_mask_score == "sum"
+    d = tiny_pipeline_dict()
+    d["prune"] = {"target_ratio": 0.5, "ranking": "global", "mask_score": "coverage"}
+    with pytest.raises(ConfigError, match="'mask_score: coverage' orders units within a block "
+                                          "only, so ranking 'global' would cut every block alike"):
+        load_spec(write_pipeline(tmp_path / "p.yaml", d))

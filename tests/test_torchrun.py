@@ -30,7 +30,7 @@ def two_process_pipeline(tmp_path: Path) -> Path:
     """The pipeline of the two-process test (also looped by bench/torchrun_exit.py)."""
     d = tiny_pipeline_dict(
         stages=["load", "train", "prune", "finetune", "export_onnx", "verify", "report"],
-        prune={"criterion": "magnitude", "target_ratio": 0.6},
+        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
         finetune={"epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0,
                   "distill": "soft", "threads": 1},
         verify={"batch_sizes": [1], "warmup": 1, "iters": 3,

@@ -280,7 +280,14 @@ class PruneConfig(Section):
     criterion: Literal["xpruner", "xpruner_taylor", "magnitude", "taylor", "random"] = "xpruner"
     target_gmacs: float | None = Field(None, gt=0, description="kept MACs per image, in 1e9")
     target_ratio: float | None = Field(None, gt=0, lt=1, description="kept / original MACs")
-    ranking: Literal["global", "threshold", "sensitivity"] = "global"
+    ranking: Literal["global", "threshold", "sensitivity"] = Field(
+        "sensitivity", description="how the MAC budget is split over blocks: measured KL per "
+        "block (sensitivity, the default by evidence: docs/benchmarks.md, issue 15), one queue of "
+        "normalised scores (global), learned thresholds (threshold)")
+    mask_score: Literal["auto", "sum", "coverage"] = Field(
+        "auto", description="how the mask criteria order units: sum over classes of |mask| "
+        "(comparable across blocks), coverage (each class's best units first; within a block "
+        "only); auto = coverage under ranking: sensitivity, sum otherwise")
     normalize: Literal["type", "block", "none"] = "type"
     min_heads_per_block: int = Field(1, ge=1)
     round_mlp_to: int = Field(8, ge=1, description="kept MLP widths are multiples of this")
@@ -303,7 +310,19 @@ class PruneConfig(Section):
                 raise ValueError("'plan_file' replays a plan: drop target_gmacs / target_ratio")
         elif (self.target_gmacs is None) == (self.target_ratio is None):
             raise ValueError("set exactly one of 'target_gmacs' and 'target_ratio'")
+        if self.mask_score == "coverage" and self.ranking != "sensitivity":
+            raise ValueError(f"'mask_score: coverage' orders units within a block only, so "
+                             f"ranking {self.ranking!r} would cut every block alike; use "
+                             f"'ranking: sensitivity' or 'mask_score: sum'")
         return self
+
+    @property
+    def effective_mask_score(self) -> Literal["sum", "coverage"]:
+        """What ``mask_score: auto`` means for this ranking: coverage where only the order
+        inside a block counts (sensitivity), the sum where scores meet across blocks."""
+        if self.mask_score != "auto":
+            return self.mask_score
+        return "coverage" if self.ranking == "sensitivity" else "sum"
 
 
 class FinetuneConfig(TrainConfig):

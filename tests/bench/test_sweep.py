@@ -18,7 +18,8 @@ def _pipeline(tmp_path: Path) -> Path:
     d = tiny_pipeline_dict(stages=["load", "train", "learn_masks", "prune", "export_onnx",
                                    "verify", "report"])
     d["learn_masks"] = {"epochs": 1, "batch_size": 128, "max_images": 256}
-    d["prune"] = {"criterion": "xpruner", "target_ratio": 0.6, "round_mlp_to": 8}
+    d["prune"] = {"criterion": "xpruner", "target_ratio": 0.6, "ranking": "global",
+                  "round_mlp_to": 8}
     return write_pipeline(tmp_path / "p.yaml", d)
 
 

@@ -72,6 +72,20 @@ def test_pruning_pipeline_end_to_end(tmp_path: Path, criterion: str, ranking: st
         assert plan["sensitivity"]["plan_loss"] >= 0.0
     if criterion == "xpruner":
         assert (run_dir / "03_learn_masks" / "masks_heatmap.png").is_file()
+        # mask_score auto: class coverage where only the order inside a block counts
+        assert plan["mask_score"] == ("coverage" if ranking == "sensitivity" else "sum")
+        if ranking == "sensitivity":  # each block keeps its best units by coverage
+            from xpdeploy.artifacts import ArchSpec
+            from xpdeploy.models.arch import rebuild_model
+            from xpdeploy.xpruner.learn import load_masks
+            from xpdeploy.xpruner.masks import coverage_scores
+
+            trained = run_dir / "02_train"
+            arch = ArchSpec.model_validate_json((trained / "arch.json").read_text())
+            net = rebuild_model(arch, trained / "model.safetensors")
+            masks = load_masks(run_dir / "03_learn_masks" / "masks.safetensors", net, 10)
+            kept = coverage_scores(masks).keep_top(pruning["heads"], pruning["mlp"])
+            assert kept.to_json() == plan["blocks"]
         assert "## Pruning" in (run_dir / "report.md").read_text()
     again = run_pipeline(spec, run_dir)
     assert again.ran == []

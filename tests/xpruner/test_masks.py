@@ -10,7 +10,7 @@ from tests.conftest import TINY_MODEL
 from xpdeploy.models.factory import create_model
 from xpdeploy.models.units import gated_units
 from xpdeploy.spec import ModelConfig
-from xpdeploy.xpruner.masks import ClassMasks, MaskedModel, masked, scores
+from xpdeploy.xpruner.masks import ClassMasks, MaskedModel, coverage_scores, masked, scores
 
 NUM_CLASSES = 10
 
@@ -142,3 +142,21 @@ def test_scores_are_sums_of_absolute_values() -> None:
     np.testing.assert_allclose(s.heads[0], [3.0, 3.0])
     np.testing.assert_allclose(s.neurons[0], [0.0, 3.0, 6.0])
     assert s.heads[0].dtype == np.float64
+
+
+def test_coverage_keeps_each_classs_best_unit_before_the_largest_sum() -> None:
+    """Unit 0 is the only unit class 0 relies on but small for the others; units 1 and 2 have
+    larger sums. The sum drops unit 0 first; coverage keeps it (class 0's best) and cuts unit 2,
+    which is no class's first choice and has the smaller sum of the two."""
+    masks = ClassMasks(3, head_counts=[1], mlp_widths=[4])
+    with torch.no_grad():
+        masks.neurons[0].copy_(torch.tensor([[2.0, 0.1, 0.5, 0.0],
+                                             [0.0, 3.0, 2.0, 0.1],
+                                             [0.1, 2.5, 2.4, 0.0]]))
+    by_sum = scores(masks).keep_top([1], [2])
+    by_coverage = coverage_scores(masks).keep_top([1], [2])
+    assert by_sum.neurons[0].tolist() == [1, 2]
+    assert by_coverage.neurons[0].tolist() == [0, 1]
+    key = coverage_scores(masks).neurons[0]
+    assert key[1] > key[0] > key[2] > key[3]  # both firsts, then the larger sum breaks ties
+    assert key.dtype == np.float64

@@ -123,7 +123,7 @@ def repair_to_budget(
     """
     _check_scores(scores, macs)
     _check_keep(keep, macs)
-    _check_target(target_macs, macs, constraints)
+    check_target(target_macs, macs, constraints)
     floor_h, floor_m = constraints.floors(macs)
     r = constraints.round_mlp_to
     hs = [np.asarray(s, dtype=np.float64) for s in scores.heads]
@@ -309,7 +309,9 @@ def _check_keep(keep: KeepSets, macs: MacModel) -> None:
                                  f"[0, {size}); make the plan on this model")
 
 
-def _check_target(target: float, macs: MacModel, constraints: PlanConstraints) -> None:
+def check_target(target: float, macs: MacModel, constraints: PlanConstraints) -> None:
+    """One-line :class:`PruneError` when no plan can reach ``target`` (MACs per image): the stage
+    asks before it scores or measures anything, so an impossible target costs no minutes."""
     original = float(macs.original)
     if target >= original:
         raise PruneError(f"nothing to prune; target {target / 1e9:.4g} GMACs >= original "

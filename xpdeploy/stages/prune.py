@@ -23,7 +23,7 @@ from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
 from xpdeploy.models.macs import count_gmacs, count_params_m
 from xpdeploy.progress import log
 from xpdeploy.prune.macs import MacModel
-from xpdeploy.prune.planner import PlanConstraints, plan_global, plan_summary
+from xpdeploy.prune.planner import PlanConstraints, check_target, plan_global, plan_summary
 from xpdeploy.prune.plots import plot_allocation
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.units import KeepSets, UnitScores
@@ -46,7 +46,15 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
         if masks is None:
             raise ConfigError(f"prune.criterion {cfg.criterion!r} needs the output of "
                               "'learn_masks'")
-        mask_scores = UnitScores.from_json(json.loads(ctx.path(masks.scores_file).read_text()))
+        if cfg.effective_mask_score == "coverage":
+            from xpdeploy.xpruner.learn import load_masks
+            from xpdeploy.xpruner.masks import coverage_scores
+
+            tables = load_masks(ctx.path(masks.masks_file), net, model.arch.num_classes)
+            mask_scores = coverage_scores(tables)
+        else:
+            mask_scores = UnitScores.from_json(
+                json.loads(ctx.path(masks.scores_file).read_text()))
         if cfg.criterion == "xpruner":
             return mask_scores
     if cfg.criterion == "magnitude":
@@ -144,6 +152,8 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
     else:
         target = cfg.target_ratio * macs.original
     constraints = PlanConstraints.from_config(cfg)
+    if replay is None:
+        check_target(target, macs, constraints)
     extra: dict[str, Any] = {}
     if replay is not None:
         keep, extra = replay, {"replayed_from": str(cfg.plan_file)}
@@ -166,6 +176,7 @@ def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
     plan_path = ctx.stage_dir / "plan.json"
     write_json_atomic(plan_path, {
         "criterion": cfg.criterion, "ranking": cfg.ranking, "normalize": cfg.normalize,
+        **({"mask_score": cfg.effective_mask_score} if cfg.criterion in MASK_CRITERIA else {}),
         "target_gmacs": target / 1e9, "summary": plan_summary(keep, macs),
         "blocks": keep.to_json(), "mac_model": macs.to_json(), **extra,
     })

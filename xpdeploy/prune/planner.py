@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xpdeploy.errors import PruneError
-from xpdeploy.prune.units import KeepSets, Normalize, UnitScores
+from xpdeploy.prune.units import KeepSets, Normalize, UnitScores, best_first
 
 if TYPE_CHECKING:
     from xpdeploy.prune.macs import MacModel
@@ -177,8 +177,8 @@ def repair_to_budget(
     low = target_macs * (1.0 - constraints.tolerance)
     counts_h = [int(k.sum()) for k in kh]
     counts_n = [int(k.sum()) for k in kn]
-    order_h = [_best_first(np.flatnonzero(~k), s) for k, s in zip(kh, hs, strict=True)]
-    order_n = [_best_first(np.flatnonzero(~k), s) for k, s in zip(kn, ns, strict=True)]
+    order_h = [best_first(s, np.flatnonzero(~k)) for k, s in zip(kh, hs, strict=True)]
+    order_n = [best_first(s, np.flatnonzero(~k)) for k, s in zip(kn, ns, strict=True)]
     next_h, next_n = [0] * len(kh), [0] * len(kn)
     current = float(macs.macs(counts_h, counts_n))
     while current < low:
@@ -258,11 +258,6 @@ def _queue(
     return items
 
 
-def _best_first(indices: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """``indices`` ordered by descending score, then ascending index."""
-    return indices[np.lexsort((indices, -scores[indices]))]
-
-
 def _fits(macs: MacModel, counts_h: list[int], counts_n: list[int], b: int, dh: int, dn: int,
           target: float) -> bool:
     """Whether block b can take dh more heads and dn more neurons within ``target`` (exact)."""
@@ -283,7 +278,7 @@ def _restore_best(kept: np.ndarray, scores: np.ndarray, floor: int) -> None:
     missing = floor - int(kept.sum())
     if missing <= 0:
         return
-    kept[_best_first(np.flatnonzero(~kept), scores)[:missing]] = True
+    kept[best_first(scores, np.flatnonzero(~kept))[:missing]] = True
 
 
 def _check_scores(scores: UnitScores, macs: MacModel) -> None:

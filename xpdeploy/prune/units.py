@@ -15,6 +15,13 @@ from xpdeploy.errors import PruneError
 Normalize = Literal["type", "block", "none"]
 
 
+def best_first(scores: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+    """``indices`` (default: all) by descending score, ties by ascending index: the one order
+    every planner and allocator cuts along."""
+    idx = np.arange(len(scores)) if indices is None else np.asarray(indices)
+    return idx[np.lexsort((idx, -np.asarray(scores)[idx]))]
+
+
 @dataclass(frozen=True)
 class UnitScores:
     """One score per unit, higher = more important: ``heads[b]`` (H_b,), ``neurons[b]`` (M_b,)."""
@@ -47,11 +54,10 @@ class UnitScores:
         return UnitScores(heads=f(self.heads), neurons=f(self.neurons))
 
     def best_first(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Each block's head and neuron indices by descending score, ties by ascending index:
-        the criterion's within-block order (a block cut to k keeps the first k)."""
+        """Each block's head and neuron indices in :func:`best_first` order: the criterion's
+        within-block order (a block cut to k keeps the first k)."""
         def order(s: np.ndarray) -> np.ndarray:
-            s = np.asarray(s, dtype=np.float64)
-            return np.lexsort((np.arange(s.size), -s))
+            return best_first(np.asarray(s, dtype=np.float64))
 
         return [order(s) for s in self.heads], [order(s) for s in self.neurons]
 

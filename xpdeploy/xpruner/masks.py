@@ -151,11 +151,13 @@ def coverage_scores(masks: ClassMasks) -> UnitScores:
     ``prune.mask_score: coverage`` goes with ``ranking: sensitivity`` (docs/benchmarks.md, issue
     15: 67.66% one-shot at 50% MACs against 66.96% for the sum, same allocator).
     """
-    def key(t: torch.Tensor) -> np.ndarray:
+    sums = scores(masks)  # the tie-break
+
+    def key(t: torch.Tensor, total: np.ndarray) -> np.ndarray:
         m = t.detach().to("cpu", torch.float64).abs().numpy()  # (classes, units)
         place = np.argsort(np.argsort(-m, axis=1, kind="stable"), axis=1, kind="stable")
-        total = m.sum(0)
         return (m.shape[1] - place.min(0)) + 0.5 * total / max(float(total.max()), 1e-300)
 
-    return UnitScores(heads=[key(t) for t in masks.heads],
-                      neurons=[key(t) for t in masks.neurons])
+    return UnitScores(heads=[key(t, s) for t, s in zip(masks.heads, sums.heads, strict=True)],
+                      neurons=[key(t, s) for t, s in zip(masks.neurons, sums.neurons,
+                                                         strict=True)])

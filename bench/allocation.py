@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.pruning_quality import ROOT, load_base
 from xpdeploy.fileio import sha256_file, sha256_json, write_json_atomic
 from xpdeploy.prune import criteria
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.sensitivity import SensitivityCurves, measure_curves, sensitivity_plan
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.threshold import threshold_search
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 from xpdeploy.spec import SensitivityConfig, ThresholdConfig, load_spec
 from xpdeploy.training.batches import fixed_images, shuffled_batches
 from xpdeploy.training.distill import Distiller

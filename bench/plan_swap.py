@@ -29,12 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench importable
 from bench.pruning_quality import ROOT, load_base
 from xpdeploy.fileio import write_json_atomic
-from xpdeploy.models.macs import count_gmacs
+from xpdeploy.models.complexity import count_gmacs
 from xpdeploy.prune import criteria
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.surgery import prune_model
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 from xpdeploy.spec import SensitivityConfig
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1

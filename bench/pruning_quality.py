@@ -42,15 +42,15 @@ from xpdeploy.data.sources import open_split
 from xpdeploy.data.verify_set import select_indices
 from xpdeploy.export.onnx_export import export_onnx
 from xpdeploy.fileio import sha256_json, write_json_atomic
+from xpdeploy.models.complexity import count_gmacs
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
-from xpdeploy.models.macs import count_gmacs
 from xpdeploy.prune import criteria
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.threshold import threshold_search
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.unit_scores import UnitScores
 from xpdeploy.spec import (
     DataConfigSection,
     LearnMasksConfig,

@@ -15,20 +15,23 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests.conftest import tiny_pipeline_dict, write_pipeline
+from xpdeploy.artifacts import TorchModel
 from xpdeploy.bundle import (
     BUNDLE_JSON,
     CALIBRATION_NPZ,
+    REFERENCE_NPZ,
     BundleManifest,
-    load_reference_logits,
+    continuation_command,
     make_bundle,
     open_bundle,
     read_bundle,
 )
-from xpdeploy.bundle_cli import bundle as bundle_cmd
+from xpdeploy.cli.bundle import bundle as bundle_cmd
 from xpdeploy.data.calibration import load_npz, make_manifest
 from xpdeploy.errors import DataError, RunFolderError
 from xpdeploy.pipeline import run_pipeline
-from xpdeploy.spec import load_spec
+from xpdeploy.spec import STAGE_ORDER, load_spec
+from xpdeploy.stages.verify import load_reference
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +75,17 @@ def bundled_run(tmp_path_factory: pytest.TempPathFactory) -> BundledRun:
     manifest = make_bundle(run_dir, tmp / "run.tar")
     assert result.report is not None
     return BundledRun(run_dir, tmp / "run.tar", images, manifest,
-                      manifest.reference_top1["original"])
+                      manifest.reference.top1["original"])
+
+
+def source_models(manifest: BundleManifest) -> dict[str, TorchModel]:
+    """Label -> the newest torch model of that label among the bundle's host stages."""
+    found: dict[str, TorchModel] = {}
+    for stage in sorted(manifest.stages, key=STAGE_ORDER.index):
+        for artifact in manifest.outputs(stage).values():
+            if isinstance(artifact, TorchModel):
+                found[artifact.label] = artifact
+    return found
 
 
 def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
@@ -81,19 +94,19 @@ def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
     assert opened.root == tmp_path / "x"
     expected = {"pipeline.yaml", "01_load/verify.npz", "06_export_onnx/original.onnx",
                 "06_export_onnx/pruned.onnx", "07_simplify/original.sim.onnx",
-                "07_simplify/pruned.sim.onnx", "09_verify/reference_logits.npz",
-                CALIBRATION_NPZ}
+                "07_simplify/pruned.sim.onnx", REFERENCE_NPZ, CALIBRATION_NPZ}
     assert set(opened.member_paths()) == expected
     assert (tmp_path / "x" / BUNDLE_JSON).is_file()
     src = (bundled_run.run_dir / "01_load" / "verify.npz").read_bytes()
     assert opened.path("01_load/verify.npz").read_bytes() == src
-    logits = load_reference_logits(opened)
+    logits = load_reference(opened.root, opened.reference)  # type: ignore[arg-type]
     assert set(logits) == {"original", "pruned"}
     assert all(x.shape == (64, 10) and x.dtype == np.float32 for x in logits.values())
     parity = json.loads((bundled_run.run_dir / "09_verify" / "parity.json").read_text())
-    assert opened.reference_top1["original"] == parity["original_top1"] is not None
-    assert "pruned" in opened.reference_top1
-    assert set(opened.models) == {"original", "pruned"}
+    assert opened.reference.top1["original"] == parity["original_top1"] is not None
+    assert "pruned" in opened.reference.top1
+    assert set(source_models(opened)) == {"original", "pruned"}
+    assert set(opened.stages) == {"load", "train", "prune", "export_onnx", "simplify"}
     assert opened.calibration is not None and opened.calibration.samples == 4
     calib = load_npz(opened.path(CALIBRATION_NPZ))
     assert calib.pixels.shape == (4, 3, 16, 16)
@@ -176,6 +189,8 @@ def test_cli_prints_summary_and_continuation(bundled_run: BundledRun, tmp_path: 
     result = CliRunner().invoke(bundle_cmd, [str(bundled_run.run_dir), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "8 members" in result.output and out.is_file()
+    # The one continuation command (the pipeline's deferral message prints the same line).
+    assert continuation_command(out) in result.output
     assert "xpdeploy run dev.tar --stages build_engine,verify,report" in result.output
     missing = CliRunner().invoke(bundle_cmd, [str(tmp_path / "nope"), "-o", str(out)])
     assert missing.exit_code == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 
 from tests.test_bundle import BundledRun, bundled_run  # noqa: F401 (session fixture)
 from tests.test_torch_free import _BLOCK
+from xpdeploy.bundle import continuation_command
 from xpdeploy.cli import cli
 from xpdeploy.device_run import parse_stages
 from xpdeploy.errors import ConfigError
@@ -32,23 +34,39 @@ finally:
 
 def test_run_bundle_verifies_and_reports_without_torch(bundled_run: BundledRun,  # noqa: F811
                                                        tmp_path: Path) -> None:
+    """The device's verify (the host's stage, fed the bundle's reference logits) agrees with the
+    host; a second run reuses both stages through their manifests."""
     run_dir = tmp_path / "device"
-    out = subprocess.run([sys.executable, "-c", _BLOCK + _CLI, "run", str(bundled_run.tar),
-                          "--run-dir", str(run_dir), "--stages", "verify,report"],
-                         capture_output=True, text=True, timeout=180)
+    args = [sys.executable, "-c", _BLOCK + _CLI, "run", str(bundled_run.tar), "--run-dir",
+            str(run_dir), "--stages", "verify,report"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("PASSED | tiny (device) |") and last.endswith("report.md")
-    assert "digests checked" in out.stdout
+    assert "digests checked" in out.stdout and "[train] from the bundle" in out.stdout
     report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
-    names = {c["name"] for c in report["candidates"]}
-    assert names == {"original.onnx", "pruned.onnx", "original.sim.onnx", "pruned.sim.onnx"}
-    original = next(c for c in report["candidates"] if c["name"] == "original.onnx")
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert set(by_name) == {"original.onnx", "pruned.onnx", "original.sim.onnx",
+                            "pruned.sim.onnx"}
+    original = by_name["original.onnx"]
     assert original["top1"] == pytest.approx(bundled_run.original_top1)
+    assert original["max_abs_diff"] < 1e-3 and original["agreement"] == 1.0
+    assert by_name["pruned.onnx"]["source_max_abs_diff"] < 1e-3
+    assert by_name["pruned.sim.onnx"]["baseline"] == "original.sim.onnx"
+    assert by_name["original.sim.onnx"]["baseline"] == "original.onnx"
+    host = json.loads((bundled_run.run_dir / "09_verify" / "parity.json").read_text())
+    assert {n: c["passed"] for n, c in by_name.items()} == {
+        c["name"]: c["passed"] for c in host["candidates"] if c["name"] in by_name}
     assert "fingerprint_id" in report["environment"]
-    assert (run_dir / "09_verify" / "parity.json").is_file()
+    assert report["pruning"]["criterion"] == "magnitude"  # the host's plan travels too
+    assert (run_dir / "09_verify" / "manifest.json").is_file()
     assert "(device)" in (run_dir / "report.md").read_text()
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "[verify] unchanged since the last run: reused" in again.stdout
+    assert "[report] unchanged since the last run: reused" in again.stdout
 
 
 def test_bundle_options_are_checked(bundled_run: BundledRun, tmp_path: Path) -> None:  # noqa: F811
@@ -65,6 +83,9 @@ def test_bundle_options_are_checked(bundled_run: BundledRun, tmp_path: Path) -> 
                                  "--stages", "build_engine,verify,report"])
     assert engine.exit_code == 1 and "build_engine needs TensorRT" in engine.output
     assert not (tmp_path / "e").exists()  # refused before anything was written
+    typo = runner.invoke(cli, ["run", str(bundled_run.tar), "--run-dir", str(tmp_path / "t"),
+                               "--set", "verify.itres=3"])
+    assert typo.exit_code == 1 and "unknown key 'itres' in section 'verify'" in typo.output
 
 
 def test_stage_lists() -> None:
@@ -85,8 +106,7 @@ def test_a_pipeline_without_tensorrt_ends_with_the_bundle_and_the_command(tmp_pa
                           str(run_dir)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "engines for 1 ONNX files are deferred to the device" in out.stdout
-    assert (f"xpdeploy run {run_dir / 'bundle.tar'} --stages build_engine,verify,report"
-            in out.stdout)
+    assert continuation_command(run_dir / "bundle.tar") in out.stdout  # as `xpdeploy bundle`
     assert out.stdout.strip().splitlines()[-1].startswith("PASSED | tiny |")
     assert (run_dir / "bundle.tar").is_file()
     device = CliRunner().invoke(cli, ["run", str(run_dir / "bundle.tar"), "--run-dir",
@@ -103,12 +123,8 @@ def test_a_pipeline_without_tensorrt_ends_with_the_bundle_and_the_command(tmp_pa
 
 
 _CLI_WITH_TRT_STAND_IN = """
-import sys
-from tests.engine.ort_backed_trt import DeviceMemoryBackend, make_ort_backed_trt
-import xpdeploy.engine.cuda_memory as cuda_memory
-backend = DeviceMemoryBackend("NVIDIA Orin", "8.7")
-sys.modules["tensorrt"], _ = make_ort_backed_trt(backend)
-cuda_memory.load_backend = lambda *a, **k: backend
+from tests.engine.ort_backed_trt import install_stand_in
+install_stand_in(setattr)
 """
 
 
@@ -122,8 +138,66 @@ def test_build_engine_on_a_bundle_runs_without_torch(bundled_run: BundledRun,  #
                           "build_engine,verify,report"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "[build_engine] done" in out.stdout and "4 engines (4 built" in out.stdout
+    assert "[build_engine] done" in out.stdout
+    assert (run_dir / "08_build_engine" / "manifest.json").is_file()
     report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
     assert len(report["engines"]["engines"]) == 4
     assert {c["runner"] for c in report["candidates"]} >= {"trt-fp16", "trt-int8"}
+
+
+def test_a_device_run_killed_mid_stage_resumes_skipping_finished_stages(
+    bundled_run: BundledRun, tmp_path: Path  # noqa: F811
+) -> None:
+    """SIGKILL while verify runs on the device: the rerun reuses build_engine (its manifest and
+    engines are intact), reruns verify from scratch and finishes."""
+    run_dir = tmp_path / "device"
+    args = [sys.executable, "-u", "-c", _BLOCK + _CLI_WITH_TRT_STAND_IN + _CLI, "run",
+            str(bundled_run.tar), "--run-dir", str(run_dir), "--stages",
+            "build_engine,verify,report", "--set", "verify.iters=400"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[verify] running"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "".join(seen)[-2000:]
+    assert not (run_dir / "09_verify" / "manifest.json").exists()
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "[build_engine] unchanged since the last run: reused" in again.stdout
+    assert "[verify] running" in again.stdout and "[report] running" in again.stdout
+    validate_report(json.loads((run_dir / "report.json").read_text()))
+
+
+def test_onnxruntime_gpu_providers_become_extra_candidates(
+    bundled_run: BundledRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Where onnxruntime offers a GPU provider, each simplified file also runs on it, timed
+    against the same file on the CPU. Here the "CUDA" session is a CPU session in disguise (this
+    tests our candidate plumbing and gates, not onnxruntime-gpu)."""
+    from xpdeploy.backends import ort_runner
+    from xpdeploy.device_run import run_bundle
+    from xpdeploy.verify import accelerators as verify_engines
+
+    class DisguisedRunner(ort_runner.OrtRunner):
+        def __init__(self, path, *, provider="CPUExecutionProvider", **kw) -> None:
+            super().__init__(path, **kw)
+            self.name = f"ort-{provider.removesuffix('ExecutionProvider').lower()}-fp32"
+
+    monkeypatch.setattr(verify_engines, "gpu_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(ort_runner, "OrtRunner", DisguisedRunner)
+    result = run_bundle(bundled_run.tar, tmp_path / "dev", ["verify"],
+                        overrides=("verify.threads=1", "verify.batch_sizes=[1]",
+                                   "verify.warmup=0", "verify.iters=2"))
+    report = result.parity
+    assert report is not None
+    by_name = {c.name: c for c in report.candidates}
+    cuda = by_name["original.sim.onnx [cuda]"]
+    assert cuda.runner == "ort-cuda-fp32" and cuda.baseline == "original.sim.onnx [cpu]"
+    assert {g.name for g in cuda.gates} == {"max_top1_drop", "min_agreement", "min_cosine"}
+    assert by_name["pruned.sim.onnx [cuda]"].source == "pruned"
+    assert report.passed

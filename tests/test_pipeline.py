@@ -199,3 +199,19 @@ def test_sigkill_at_any_moment_then_rerun_finishes(tmp_path: Path, delay_s: floa
     assert not list(run_dir.rglob("*.tmp"))
     final = subprocess.run(_cli(pipe, run_dir), capture_output=True, text=True)
     assert final.stdout.count("unchanged since the last run") == 6
+
+
+def test_a_stage_reruns_when_a_setting_it_reads_changes_and_only_then(tmp_path: Path) -> None:
+    """verify reads data.batch_size (not its own section): changing it reruns verify; changing
+    nothing reruns nothing. The manifest records exactly what the stage read."""
+    stages = ["load", "export_onnx", "verify", "report"]
+    run_dir = tmp_path / "run"
+    run_pipeline(_spec(tmp_path, stages=stages), run_dir)
+    same = run_pipeline(_spec(tmp_path, stages=stages), run_dir)
+    assert same.ran == [] and same.skipped == stages
+    changed = run_pipeline(_spec(tmp_path, "data.batch_size=32", stages=stages), run_dir)
+    assert "verify" in changed.ran and "report" in changed.ran
+    config = json.loads((run_dir / "09_verify" / "manifest.json").read_text())["config"]
+    assert config == {"verify": config["verify"], "batch_size": 32, "trace_batch": 2}
+    export = json.loads((run_dir / "06_export_onnx" / "manifest.json").read_text())["config"]
+    assert set(export) == {"export_onnx"}  # export reads no data setting

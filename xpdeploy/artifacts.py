@@ -1,4 +1,4 @@
-"""Typed artifacts that flow between stages (design.md section 2).
+"""Typed artifacts that flow between stages (docs/architecture.md section 2).
 
 Artifacts are pydantic models so that they serialise to JSON (in each stage's manifest) and
 validate when read back. File references are strings **relative to the run folder**, so a run
@@ -76,7 +76,9 @@ class TorchModel(Artifact):
     weights_file: str
     arch: ArchSpec
     data_config: DataConfig
-    gmacs: float = Field(description="multiply-accumulates of one image, in 1e9 (design.md sec. 6)")
+    gmacs: float = Field(
+        description="multiply-accumulates of one image, in 1e9 (docs/architecture.md section 6)"
+    )
     params_m: float = Field(description="parameters, in millions")
     top1: float | None = Field(None, description="val top-1 in percent; None on synthetic data")
     top1_samples: int = 0
@@ -248,6 +250,31 @@ class PrecisionChoice(BaseModel):
     dropped: list[str] = Field(description="candidates not kept (informational in the verdict)")
     p50_ms: dict[str, float] = Field(description="candidate -> p50 host latency at its batch")
     reason: str
+
+
+class ReferenceLogits(Artifact):
+    """Torch logits of every source model on the verification set: what the other runners match.
+
+    ``verify`` computes them with torch on the host; a device run takes them from the bundle
+    (no torch there), so both compare against the same numbers.
+    """
+
+    file: str = Field(description="npz: label ('original', 'pruned') -> (samples, classes) fp32")
+    runner: str = Field(description="the runner that produced them, e.g. torch-cpu-fp32")
+    top1: dict[str, float | None] = Field(
+        description="label -> top-1 in percent on the verification set (None: synthetic labels)"
+    )
+
+    def files(self) -> list[str]:
+        return [self.file]
+
+
+class BundleOrigin(Artifact):
+    """Where a device run's bundle came from (shown in the device report)."""
+
+    pipeline: str
+    source_run: str = Field(description="absolute path of the host run folder")
+    created: str = Field(description="UTC, ISO-8601")
 
 
 class ParityReport(Artifact):

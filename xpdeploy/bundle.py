@@ -3,16 +3,20 @@
 ``make_bundle`` packs a finished run folder (export, simplify and verify done on the host) so that a
 device (a Jetson without torch) can build engines and verify them against the host's numbers::
 
-    bundle.json                       BundleManifest: members with sha256 and size, artifacts
+    bundle.json                       BundleManifest: members with sha256 and size, the outputs
+                                      of every host stage (as their manifests recorded them)
     pipeline.yaml                     the resolved pipeline
     01_load/verify.npz                fixed verification pixels and labels
     06_export_onnx/<label>.onnx       every exported ONNX file
     07_simplify/<label>.sim.onnx      every simplified ONNX file (when the stage ran)
-    09_verify/reference_logits.npz    torch logits per source model ('original', 'pruned')
+    reference_logits.npz              torch logits per source model ('original', 'pruned')
     calibration.npz                   preprocessed INT8 calibration pixels (when configured)
 
-Members keep their run-folder-relative paths, so the artifact records in ``bundle.json`` (whose file
-references are run-folder-relative) resolve against the extracted folder as they do on the host.
+A bundle is a partial run folder: members keep their run-folder-relative paths, so the artifact
+records in ``bundle.json`` resolve against the extracted folder as on the host, and a device run
+(:mod:`xpdeploy.device_run`) continues it through the same executor and stages, writing its own
+stages' folders next to them. The reference logits move to the root, out of the ``09_verify``
+folder the device's own verify writes.
 The tar is plain by default: ONNX weights are float32 noise to a compressor (a few percent saved for
 a lot of CPU on a small device); ``.tar.gz`` / ``.tgz`` compresses when asked.
 
@@ -29,22 +33,24 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from xpdeploy import __version__
-from xpdeploy.artifacts import Artifact, OnnxModels, ParityReport, TorchModel, VerifySet
+from xpdeploy.artifacts import Artifact, BundleOrigin, ReferenceLogits, TorchModel
 from xpdeploy.errors import DataError, RunFolderError
 from xpdeploy.fileio import atomic_path, sha256_file
 from xpdeploy.runfolder import RESOLVED_PIPELINE, RunFolder, now_iso, parse_outputs
-from xpdeploy.spec import PipelineSpec, load_spec
+from xpdeploy.spec import STAGE_ORDER, PipelineSpec, load_spec
 
 #: Bundle layout version written (and the newest one read).
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 BUNDLE_JSON = "bundle.json"
 CALIBRATION_NPZ = "calibration.npz"
-PRUNED_TORCH = "pruned (torch)"  # the verify stage's name for the pruned torch candidate
-_ONNX_STAGES = ("export_onnx", "simplify")
+REFERENCE_NPZ = "reference_logits.npz"
+#: Stages a bundle can continue with, in order; the host's stages before them travel as outputs.
+DEVICE_STAGES: tuple[str, ...] = ("build_engine", "verify", "report")
+#: Image the device side runs in (docker/jetson).
+DEVICE_IMAGE = "xpdeploy-jetson:r36"
 _MODES = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz"}
 _A = TypeVar("_A", bound=Artifact)
 
@@ -69,8 +75,18 @@ class CalibrationInfo(BaseModel):
     samples: int
 
 
+class RecordedOutput(BaseModel):
+    """One output of a host stage as its manifest recorded it: type, digest, artifact JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    digest: str
+    artifact: dict[str, Any]
+
+
 class BundleManifest(BaseModel):
-    """``bundle.json``: provenance, every member's digest, and the artifacts the device reads.
+    """``bundle.json``: provenance, every member's digest, and the host stages' outputs.
 
     ``root`` is not stored: :func:`open_bundle` sets it to the extracted folder.
     """
@@ -83,17 +99,10 @@ class BundleManifest(BaseModel):
     source_run: str = Field(description="absolute path of the run folder it was made from")
     created: str = Field(description="UTC, ISO-8601")
     members: list[BundleMember]
-    models: dict[str, TorchModel] = Field(
-        description="label -> torch source model (costs, data config); its files are not packed"
+    stages: dict[str, dict[str, RecordedOutput]] = Field(
+        description="host stage -> its outputs (files of torch models are not packed)"
     )
-    onnx: dict[str, OnnxModels] = Field(description="stage -> ONNX files it produced")
-    verify_set: VerifySet
-    reference_logits: str = Field(
-        description="member holding the host's torch logits per label (the verify artifact's)"
-    )
-    reference_top1: dict[str, float | None] = Field(
-        description="label -> torch top-1 in percent on the verify set (None: synthetic labels)"
-    )
+    reference: ReferenceLogits = Field(description="the host's torch logits (a member)")
     calibration: CalibrationInfo | None = None
     root: Path | None = Field(None, exclude=True)
 
@@ -105,6 +114,28 @@ class BundleManifest(BaseModel):
 
     def member_paths(self) -> list[str]:
         return [m.path for m in self.members]
+
+    def outputs(self, stage: str) -> dict[str, Artifact]:
+        """The typed outputs of host stage ``stage``."""
+        entries = {name: r.model_dump() for name, r in self.stages[stage].items()}
+        return parse_outputs({"outputs": entries})
+
+    def recorded(self) -> dict[str, dict[str, tuple[Artifact, str]]]:
+        """Stage -> output name -> (artifact, digest the host recorded), for the executor."""
+        return {stage: {name: (artifact, self.stages[stage][name].digest)
+                        for name, artifact in self.outputs(stage).items()}
+                for stage in self.stages}
+
+    def origin(self) -> BundleOrigin:
+        return BundleOrigin(pipeline=self.pipeline, source_run=self.source_run,
+                            created=self.created)
+
+
+def continuation_command(tar: Path) -> str:
+    """The command that continues a run from its bundle ``tar`` on the device (Jetson image),
+    typed in the folder that holds the bundle there."""
+    return (f'docker run --rm --runtime nvidia -v "$PWD":/work {DEVICE_IMAGE} '
+            f"xpdeploy run {tar.name} --stages {','.join(DEVICE_STAGES)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,52 +160,29 @@ def _require_manifest(folder: RunFolder, stage: str) -> dict[str, Any]:
 def _checked_outputs(folder: RunFolder, stage: str) -> dict[str, Artifact]:
     """The stage's artifacts, after checking that their files still have the recorded digests."""
     manifest = _require_manifest(folder, stage)
-    try:
-        outputs = parse_outputs(manifest)
-    except ValueError:  # written by an older xpdeploy whose artifacts lacked a field
+    outputs = folder.current_outputs(stage, manifest.get("fingerprint", ""))
+    if outputs is None:
         raise RunFolderError(
-            f"stage '{stage}' in {folder.root} was run by an older xpdeploy; rerun it with "
-            f"{_finish_hint(folder.root)} --from {stage} --force"
-        ) from None
-    for name, artifact in outputs.items():
-        try:
-            intact = artifact.digest(folder.root) == manifest["outputs"][name]["digest"]
-        except OSError:
-            intact = False
-        if not intact:
-            raise RunFolderError(
-                f"stage '{stage}' output '{name}' in {folder.root} changed or went missing since "
-                f"the stage ran; rerun it with {_finish_hint(folder.root)} --until verify"
-            )
+            f"stage '{stage}' in {folder.root} changed since it ran (an output was modified or "
+            f"removed, or an older xpdeploy wrote it); rerun it with {_finish_hint(folder.root)} "
+            f"--from {stage} --force"
+        )
     return outputs
 
 
-def _models_by_digest(
-    folder: RunFolder, stages: list[str], digests: dict[str, str]
-) -> dict[str, TorchModel]:
-    """The TorchModel artifacts that ``verify`` read, found by the input digests it recorded."""
-    wanted = {digest: name for name, digest in digests.items() if name in ("model", "pruned")}
-    found: dict[str, TorchModel] = {}
-    for stage in stages:
-        manifest = folder.read_manifest(stage) or {"outputs": {}}
-        for entry in manifest["outputs"].values():
-            if entry.get("digest") in wanted and entry.get("type") == "TorchModel":
-                model = TorchModel.model_validate(entry["artifact"])
-                found[model.label] = model
-    if "original" not in found:
+def _check_verify_inputs(folder: RunFolder, verify: dict[str, Any],
+                         recorded: dict[str, dict[str, RecordedOutput]]) -> None:
+    """Refuse a run whose verify read other artifacts than the host stages now hold."""
+    known = {r.digest for outputs in recorded.values() for r in outputs.values()}
+    build = folder.read_manifest("build_engine")
+    known |= {e["digest"] for e in (build or {"outputs": {}})["outputs"].values()}
+    stale = sorted(name for name, digest in verify["inputs"].items() if digest not in known)
+    if stale:
         raise RunFolderError(
-            f"cannot find the original model that 'verify' used in {folder.root} (a stage before "
-            f"it was rerun since); rerun verify with {_finish_hint(folder.root)} --from verify"
+            f"'verify' in {folder.root} read another {', '.join(stale)} than the run folder holds "
+            f"now (a stage before it was rerun since); rerun verify with "
+            f"{_finish_hint(folder.root)} --from verify"
         )
-    return found
-
-
-def _reference_top1(parity: ParityReport) -> dict[str, float | None]:
-    top1: dict[str, float | None] = {"original": parity.original_top1}
-    for c in parity.candidates:
-        if c.name == PRUNED_TORCH:
-            top1["pruned"] = c.top1
-    return top1
 
 
 def _calibration(
@@ -192,8 +200,7 @@ def _calibration(
                            samples=len(pixels))
 
 
-def _member(root: Path, rel: str) -> BundleMember:
-    file = root / rel
+def _member(rel: str, file: Path) -> BundleMember:
     return BundleMember(path=rel, sha256=sha256_file(file), size=file.stat().st_size)
 
 
@@ -234,45 +241,44 @@ def make_bundle(
     spec = load_spec(run_dir / RESOLVED_PIPELINE)
     folder = RunFolder(run_dir)
     stages = spec.stage_list()
-    onnx_stages = [s for s in _ONNX_STAGES if s in stages or s == "export_onnx"]
-    for stage in ("load", *onnx_stages, "verify"):
+    host = [s for s in stages if STAGE_ORDER.index(s) < STAGE_ORDER.index(DEVICE_STAGES[0])]
+    for stage in ("load", "export_onnx", *host, "verify"):
         _require_manifest(folder, stage)
-    verify_set = _typed(_checked_outputs(folder, "load")["verify_set"], VerifySet)
-    onnx = {s: _typed(_checked_outputs(folder, s)["onnx"], OnnxModels) for s in onnx_stages}
-    verify_manifest = _require_manifest(folder, "verify")
-    parity = _typed(_checked_outputs(folder, "verify")["parity"], ParityReport)
-    before_verify = stages[: stages.index("verify")] if "verify" in stages else stages
-    models = _models_by_digest(folder, before_verify, verify_manifest["inputs"])
-    rels = [RESOLVED_PIPELINE, verify_set.file, *(r for g in onnx.values() for r in g.files()),
-            parity.reference_file]
+    recorded = {}
+    for stage in host:
+        manifest = folder.read_manifest(stage) or {"outputs": {}}
+        recorded[stage] = {name: RecordedOutput.model_validate(entry)
+                           for name, entry in manifest["outputs"].items()}
+    outputs = {stage: _checked_outputs(folder, stage) for stage in host}
+    verify = _checked_outputs(folder, "verify")
+    reference = verify.get("reference")
+    if not isinstance(reference, ReferenceLogits):
+        raise RunFolderError(
+            f"stage 'verify' in {folder.root} was run by an older xpdeploy (no reference logits "
+            f"artifact); rerun it with {_finish_hint(folder.root)} --from verify --force"
+        )
+    _check_verify_inputs(folder, folder.read_manifest("verify") or {"inputs": {}}, recorded)
+    packed = [RESOLVED_PIPELINE, *outputs["load"]["verify_set"].files()]
+    for stage in ("export_onnx", "simplify"):
+        packed += [f for a in outputs.get(stage, {}).values() for f in a.files()]
+    sources = {rel: run_dir / rel for rel in packed}
+    sources[REFERENCE_NPZ] = run_dir / reference.file
     with tempfile.TemporaryDirectory(prefix="xpdeploy-bundle-") as tmp:
         staging = Path(tmp)
-        calibration = _calibration(spec, _load_model(folder), _opt_path(calibration_root),
+        calibration = _calibration(spec, _typed(outputs["load"]["model"], TorchModel),
+                                   calibration_root and Path(calibration_root),
                                    staging / CALIBRATION_NPZ)
-        members = [_member(run_dir, rel) for rel in rels]
-        sources = {rel: run_dir / rel for rel in rels}
         if calibration is not None:
-            members.append(_member(staging, CALIBRATION_NPZ))
             sources[CALIBRATION_NPZ] = staging / CALIBRATION_NPZ
         manifest = BundleManifest(
             xpdeploy_version=__version__, pipeline=spec.name, source_run=str(run_dir),
-            created=now_iso(), members=members, models=models, onnx=onnx,
-            verify_set=verify_set, reference_logits=parity.reference_file,
-            reference_top1=_reference_top1(parity),
+            created=now_iso(), members=[_member(rel, f) for rel, f in sources.items()],
+            stages=recorded, reference=reference.model_copy(update={"file": REFERENCE_NPZ}),
             calibration=calibration,
         )
         (staging / BUNDLE_JSON).write_text(_manifest_json(manifest))
         _write_tar(out_tar, mode, {BUNDLE_JSON: staging / BUNDLE_JSON, **sources})
     return manifest
-
-
-def _opt_path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
-
-
-def _load_model(folder: RunFolder) -> TorchModel:
-    """The load stage's model: its data config is how the calibration images are preprocessed."""
-    return _typed(_checked_outputs(folder, "load")["model"], TorchModel)
 
 
 def _typed(artifact: Artifact, cls: type[_A]) -> _A:
@@ -389,9 +395,3 @@ def _verify_member(root: Path, member: BundleMember) -> None:
             f"bundle member {member.path} was modified (sha256 differs from bundle.json); copy "
             "the bundle again or make it again with xpdeploy bundle"
         )
-
-
-def load_reference_logits(manifest: BundleManifest) -> dict[str, np.ndarray]:
-    """Label -> torch logits (samples, classes) float32 recorded by the host's verify stage."""
-    with np.load(manifest.path(manifest.reference_logits), allow_pickle=False) as z:
-        return {key: np.asarray(z[key], dtype=np.float32) for key in z.files}

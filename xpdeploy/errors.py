@@ -1,4 +1,4 @@
-"""The error taxonomy of design.md section 5 and the exit codes the CLI maps it to.
+"""The error taxonomy of docs/architecture.md section 5 and the exit codes the CLI maps it to.
 
 Every error a user can cause is an :class:`XpdeployError` whose message is one line that says what
 is wrong, the value seen vs the value allowed, and how to fix it. The CLI prints it without a

@@ -1,7 +1,13 @@
 """``run_pipeline()``: calls the stages in order, reusing every stage whose inputs are unchanged.
 
 The data flow is ordinary Python and reads top to bottom in :func:`_flow`. The executor decides for
-each stage whether to reuse its outputs (manifest fingerprint matches), rerun it, or stop.
+each stage whether to reuse its outputs (manifest fingerprint matches), rerun it, or stop. A stage's
+fingerprint covers exactly what it reads: its module's ``Settings`` (files it names by content, see
+:mod:`xpdeploy.stages.fingerprint`) and the digests of its input artifacts.
+
+A device run on a bundle (:mod:`xpdeploy.device_run`) goes through the same executor and flow: the
+bundle is a partial run folder, a :class:`Continuation` hands the executor the outputs of the
+stages that ran on the host, and the stages asked for run here with manifests, reuse and resume.
 
 Under ``torchrun`` rank 0 runs :func:`_flow` exactly as a single process does and owns the run
 folder. The other ranks run :func:`_follow`: they wait for rank 0 to announce each collective stage
@@ -23,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from xpdeploy import distributed
-from xpdeploy.artifacts import Artifact, EngineSet, ParityReport, RunReport
+from xpdeploy.artifacts import (
+    Artifact,
+    BundleOrigin,
+    EngineSet,
+    ParityReport,
+    ReferenceLogits,
+    RunReport,
+)
 from xpdeploy.errors import (
     EXIT_ERROR,
     ConfigError,
@@ -32,25 +45,12 @@ from xpdeploy.errors import (
     RunFolderError,
     XpdeployError,
 )
-from xpdeploy.fileio import sha256_file, sha256_json
+from xpdeploy.fileio import sha256_json
 from xpdeploy.progress import format_duration, log
 from xpdeploy.runfolder import RunFolder, now_iso, stage_folder_name
 from xpdeploy.spec import PipelineSpec
 from xpdeploy.stages.context import StageContext
-
-#: Parts of the spec each stage's outputs depend on; a change to them reruns the stage.
-STAGE_CONFIG: dict[str, tuple[str, ...]] = {
-    "load": ("seed", "model", "data", "load"),
-    "train": ("seed", "data", "train"),
-    "learn_masks": ("seed", "data", "learn_masks"),
-    "prune": ("seed", "data", "prune"),
-    "finetune": ("seed", "data", "finetune"),
-    "export_onnx": ("export_onnx",),
-    "simplify": ("simplify",),
-    "build_engine": ("build_engine",),
-    "verify": ("verify",),
-    "report": ("name", "report"),
-}
+from xpdeploy.stages.fingerprint import StageSettings, read_settings, settings_json
 
 StageFn = Callable[..., dict[str, Artifact]]
 
@@ -60,26 +60,20 @@ COLLECTIVE_STAGES: frozenset[str] = frozenset({"train", "learn_masks", "prune", 
 SHARED_CHECK_FILE = ".ranks-see-this"
 
 
-def _input_files(spec: PipelineSpec, stage: str) -> list[Path]:
-    """Files a stage's config names whose content (not only path) its outputs depend on.
+@dataclass(frozen=True)
+class Continuation:
+    """A device run on a bundle: the stages to run here and what the host's stages produced.
 
-    (Image folders are not hashed: that would read a whole data set on every run.)
+    ``outputs``: stage -> output name -> (artifact, digest the host recorded). Not every file of
+    these artifacts travels (model weights stay on the host), so the recorded digests stand for
+    them; the bundle's member digests were checked when it was extracted.
+    ``reference``: the torch logits ``verify`` compares with (no torch on the device).
     """
-    if stage == "load" and spec.model.checkpoint is not None:
-        return [spec.model.checkpoint]
-    if stage == "prune" and spec.prune is not None and spec.prune.plan_file is not None:
-        return [spec.prune.plan_file]
-    return []
 
-
-def stage_config(spec: PipelineSpec, stage: str) -> dict[str, Any]:
-    """The resolved config a stage depends on (with digests of the files it names), as JSON."""
-    data = spec.model_dump(mode="json")
-    config = {key: data.get(key) for key in STAGE_CONFIG.get(stage, (stage,))}
-    files = {str(p): sha256_file(p) for p in _input_files(spec, stage) if p.is_file()}
-    if files:
-        config["file_digests"] = files
-    return config
+    stages: tuple[str, ...]
+    outputs: dict[str, dict[str, tuple[Artifact, str]]]
+    reference: ReferenceLogits
+    origin: BundleOrigin
 
 
 @dataclass
@@ -122,8 +116,10 @@ class StageExecutor:
         from_stage: str | None,
         until: str | None,
         force: bool,
+        continuation: Continuation | None = None,
     ) -> None:
         self.spec, self.folder = spec, folder
+        self.continuation = continuation
         self.stages = spec.stage_list()
         self.from_stage = from_stage
         self.from_index = self.stages.index(from_stage) if from_stage else 0
@@ -136,6 +132,9 @@ class StageExecutor:
         #: build_engine's output, when the pipeline has that stage.
         self.engines: EngineSet | None = None
         self._digests: dict[int, tuple[Artifact, str]] = {}
+        for outputs in (continuation.outputs.values() if continuation else ()):
+            for artifact, recorded in outputs.values():
+                self._digests[id(artifact)] = (artifact, recorded)
 
     def digest(self, artifact: Artifact) -> str:
         """An artifact's digest, hashed once per instance in this run.
@@ -152,12 +151,24 @@ class StageExecutor:
         return hit[1]
 
     def wants(self, stage: str) -> bool:
-        return stage in self.stages
+        """The pipeline has ``stage`` and (on a device) it runs here or the bundle holds it."""
+        c = self.continuation
+        return stage in self.stages and (c is None or stage in c.stages or stage in c.outputs)
 
-    def step(self, stage: str, fn: StageFn, inputs: dict[str, Artifact | None]) -> dict[str, Any]:
-        """Reuse or run ``stage``; returns its named output artifacts."""
+    def step(self, stage: str, inputs: dict[str, Artifact | None]) -> dict[str, Any]:
+        """Reuse or run ``stage``; returns its named output artifacts.
+
+        The stage is the module ``xpdeploy.stages.<stage>`` (its ``settings`` and ``run``),
+        imported only when it runs: a device run never imports the torch-side stages.
+        """
+        c = self.continuation
+        if c is not None and stage not in c.stages:
+            log(f"[{stage}] from the bundle (ran on the host)")
+            return {name: artifact for name, (artifact, _) in c.outputs[stage].items()}
         present = {k: v for k, v in inputs.items() if v is not None}
-        config = stage_config(self.spec, stage)
+        module = importlib.import_module(f"xpdeploy.stages.{stage}")
+        settings = read_settings(module, self.spec)  # what the stage reads: all it sees
+        config = settings_json(settings)
         input_digests = {k: self.digest(v) for k, v in present.items()}
         fingerprint = sha256_json({"config": config, "inputs": input_digests})
         before_slice = self.stages.index(stage) < self.from_index
@@ -173,7 +184,8 @@ class StageExecutor:
                 "without --from first"
             )
         else:
-            cached = self._run(stage, fn, present, config, input_digests, fingerprint, forced)
+            cached = self._run(stage, module.run, settings, present, config, input_digests,
+                               fingerprint, forced)
         if stage == self.until:
             raise _UntilReached
         return cached
@@ -182,6 +194,7 @@ class StageExecutor:
         self,
         stage: str,
         fn: StageFn,
+        settings: StageSettings,
         inputs: dict[str, Artifact],
         config: dict[str, Any],
         input_digests: dict[str, str],
@@ -190,13 +203,13 @@ class StageExecutor:
     ) -> dict[str, Artifact]:
         log(f"[{stage}] running")
         stage_dir = self.folder.begin_stage(stage, keep_checkpoints=not forced)
-        ctx = StageContext(stage, self.folder.root, stage_dir, self.spec, fingerprint)
+        ctx = StageContext(stage, self.folder.root, stage_dir, settings, fingerprint)
         started, t0 = now_iso(), time.monotonic()
         collective = distributed.current() is not None and stage in COLLECTIVE_STAGES
         if collective:
             distributed.broadcast_object(
                 {"kind": "stage", "stage": stage, "inputs": inputs, "fingerprint": fingerprint,
-                 "stage_dir": str(stage_dir)}
+                 "settings": settings, "stage_dir": str(stage_dir)}
             )
             self.in_collective = True
         try:
@@ -223,54 +236,37 @@ class StageExecutor:
 
 
 def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
-    """The pipeline's data flow, top to bottom. Stage modules are imported when first needed."""
-    from xpdeploy.stages import export_onnx, load, report, simplify, train, verify
-
-    loaded = ex.step("load", load.run, {})
+    """The pipeline's data flow, top to bottom (each stage is ``xpdeploy.stages.<name>``)."""
+    loaded = ex.step("load", {})
     model, verify_set = loaded["model"], loaded["verify_set"]
-    if ex.wants("train"):
-        model = ex.step("train", train.run, {"model": model})["model"]
     masks = pruned = plan = exported = simplified = parity = run_report = None
+    if ex.wants("train"):
+        model = ex.step("train", {"model": model})["model"]
     if ex.wants("learn_masks"):
-        from xpdeploy.stages import learn_masks
-
-        masks = ex.step("learn_masks", learn_masks.run, {"model": model})["masks"]
+        masks = ex.step("learn_masks", {"model": model})["masks"]
     if ex.wants("prune"):
-        from xpdeploy.stages import prune
-
-        out = ex.step("prune", prune.run, {"model": model, "masks": masks})
+        out = ex.step("prune", {"model": model, "masks": masks})
         pruned, plan = out["model"], out["plan"]
     if ex.wants("finetune"):
-        from xpdeploy.stages import finetune
-
-        pruned = ex.step("finetune", finetune.run, {"model": pruned, "teacher": model})["model"]
+        pruned = ex.step("finetune", {"model": pruned, "teacher": model})["model"]
     models = {"model": model, "pruned": pruned}
     if ex.wants("export_onnx"):
-        exported = ex.step(
-            "export_onnx", export_onnx.run, {**models, "verify_set": verify_set}
-        )["onnx"]
+        exported = ex.step("export_onnx", {**models, "verify_set": verify_set})["onnx"]
     if ex.wants("simplify"):
-        simplified = ex.step(
-            "simplify", simplify.run, {"onnx": exported, "verify_set": verify_set}
-        )["onnx"]
+        simplified = ex.step("simplify", {"onnx": exported, "verify_set": verify_set})["onnx"]
     if ex.wants("build_engine"):
-        from xpdeploy.stages import build_engine
-
-        ex.engines = ex.step("build_engine", build_engine.run,
+        ex.engines = ex.step("build_engine",
                              {"onnx": exported, "simplified": simplified, **models})["engines"]
     built = ex.engines if ex.engines is not None and not ex.engines.deferred else None
+    device = ex.continuation
     if ex.wants("verify"):
-        parity = ex.step(
-            "verify",
-            verify.run,
-            {**models, "verify_set": verify_set, "exported": exported, "simplified": simplified,
-             "engines": built},
-        )["parity"]
+        parity = ex.step("verify", {
+            **models, "verify_set": verify_set, "exported": exported, "simplified": simplified,
+            "engines": built, "reference": device.reference if device else None})["parity"]
     if ex.wants("report"):
-        run_report = ex.step(
-            "report", report.run, {"model": model, "parity": parity, "plan": plan,
-                                   "masks": masks, "pruned": pruned, "engines": built}
-        )["report"]
+        run_report = ex.step("report", {
+            "model": model, "parity": parity, "plan": plan, "masks": masks, "pruned": pruned,
+            "engines": built, "origin": device.origin if device else None})["report"]
     return parity, run_report
 
 
@@ -281,8 +277,12 @@ def run_pipeline(
     from_stage: str | None = None,
     until: str | None = None,
     force: bool = False,
+    continuation: Continuation | None = None,
 ) -> PipelineResult:
-    """Run ``spec`` in ``run_dir``; raise :class:`ParityError` after the report on a failed gate."""
+    """Run ``spec`` in ``run_dir``; raise :class:`ParityError` after the report on a failed gate.
+
+    ``continuation``: a device run in an extracted bundle (``run_dir``), see :class:`Continuation`.
+    """
     spec.check_runnable()
     stages = spec.stage_list()
     _check_stage_option("--from", from_stage, stages)
@@ -293,12 +293,14 @@ def run_pipeline(
         return _follow(spec, run_dir)
     folder = RunFolder(run_dir)
     t0 = time.monotonic()
-    ex = StageExecutor(spec, folder, from_stage=from_stage, until=until, force=force)
+    ex = StageExecutor(spec, folder, from_stage=from_stage, until=until, force=force,
+                       continuation=continuation)
     parity = run_report = None
     try:
         folder.check_pipeline(spec)
         with folder.locked():
-            folder.write_pipeline(spec)
+            if continuation is None:  # a bundle holds the host's pipeline.yaml
+                folder.write_pipeline(spec)
             _check_ranks_see(folder.root)
             with contextlib.suppress(_UntilReached):
                 parity, run_report = _flow(ex)
@@ -355,15 +357,14 @@ def write_device_bundle(ex: StageExecutor, root: Path) -> Path | None:
     if not (ex.wants("verify") and (ex.folder.stage_dir("verify") / "manifest.json").is_file()):
         log("[bundle] not written: the device bundle needs the verify stage; run without --until")
         return None
-    from xpdeploy.bundle import make_bundle
+    from xpdeploy.bundle import continuation_command, make_bundle
 
     out = root / DEVICE_BUNDLE
     manifest = make_bundle(root, out)
     mib = sum(m.size for m in manifest.members) / 2**20
     log(f"[bundle] {out}: {len(manifest.members)} files, {mib:.1f} MiB ({ex.engines.reason})")
-    log("  continue on the device (Jetson image, see docker/README.md):")
-    log(f"    docker run --rm --runtime nvidia -v \"$PWD\":/work xpdeploy-jetson:r36 "
-        f"xpdeploy run {out} --stages build_engine,verify,report")
+    log("  copy it to the device and continue there, in its folder (docker/README.md):")
+    log(f"    {continuation_command(out)}")
     log("  (builds the TensorRT engines there, then verifies them and the ONNX files against "
         "these torch logits; --stages verify,report skips the engines)")
     return out
@@ -409,7 +410,8 @@ def _follow(spec: PipelineSpec, run_dir: Path) -> PipelineResult:
         elif kind == "stage":
             stage = msg["stage"]
             module = importlib.import_module(f"xpdeploy.stages.{stage}")
-            ctx = StageContext(stage, run_dir, Path(msg["stage_dir"]), spec, msg["fingerprint"])
+            ctx = StageContext(stage, run_dir, Path(msg["stage_dir"]), msg["settings"],
+                               msg["fingerprint"])
             module.run(ctx, **msg["inputs"])
             ran.append(stage)
         elif kind == "stop":

@@ -1,6 +1,6 @@
 """The run folder: one sub-folder per stage with a manifest, and the resume rules.
 
-Layout (design.md section 2)::
+Layout (docs/architecture.md section 2)::
 
     runs/<pipeline>/
       pipeline.yaml          resolved pipeline (every default filled in)
@@ -34,11 +34,13 @@ import yaml
 from xpdeploy import __version__
 from xpdeploy.artifacts import (
     Artifact,
+    BundleOrigin,
     EngineSet,
     MaskSet,
     OnnxModels,
     ParityReport,
     PrunePlan,
+    ReferenceLogits,
     RunReport,
     TorchModel,
     VerifySet,
@@ -54,7 +56,7 @@ KEEP_ON_RERUN = ("checkpoints",)  # resumable state survives a rerun of an unfin
 ARTIFACT_TYPES: dict[str, type[Artifact]] = {
     cls.__name__: cls
     for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport, MaskSet, PrunePlan,
-                EngineSet)
+                EngineSet, ReferenceLogits, BundleOrigin)
 }
 Digest = Callable[[Artifact], str]
 _TOOLS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt", "numpy")

@@ -10,15 +10,16 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xpdeploy.errors import ConfigError
 
-#: Every stage xpdeploy knows, in pipeline order (design.md section 2).
+#: Every stage xpdeploy knows, in pipeline order (docs/architecture.md section 2).
 STAGE_ORDER: tuple[str, ...] = (
     "load",
     "train",
@@ -43,6 +44,24 @@ MASK_CRITERIA: tuple[str, ...] = ("xpruner", "xpruner_taylor")
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos"]
 
 
+@dataclass(frozen=True)
+class ContentDigest:
+    """Marks a config field that names a file whose *content* a stage's outputs depend on.
+
+    The executor (``xpdeploy.stages.fingerprint.fingerprint``) hashes what the file holds into the
+    stage's fingerprint, so rewriting the file at the same path reruns the stage. ``kind`` says how:
+    ``"file"`` (its bytes) or ``"calibration"`` (a calibration manifest and every image it lists).
+    """
+
+    kind: Literal["file", "calibration"]
+
+
+#: A path whose file's bytes enter the fingerprint of the stages that read it.
+InputFile = Annotated[Path | None, ContentDigest("file")]
+#: A calibration manifest: its text and the images it lists enter the fingerprint.
+CalibrationFile = Annotated[Path | None, ContentDigest("calibration")]
+
+
 class Section(BaseModel):
     """Base for every section: unknown keys are errors, values are validated on assignment."""
 
@@ -57,7 +76,7 @@ class ModelConfig(Section):
         default_factory=dict, description="overrides for timm.create_model: img_size, depth, ..."
     )
     pretrained: bool = Field(False, description="download timm's pretrained weights (network)")
-    checkpoint: Path | None = Field(None, description="a .pth/.pt/.safetensors state dict")
+    checkpoint: InputFile = Field(None, description="a .pth/.pt/.safetensors state dict")
 
     @field_validator("checkpoint")
     @classmethod
@@ -200,7 +219,7 @@ class TrainConfig(Section):
 class LearnMasksConfig(Section):
     """``learn_masks``: class-wise explainability masks, trained with the backbone frozen.
 
-    Loss = CE(masked model) + lambda_sparse * L_sparse + lambda_smooth * L_smooth (method.md).
+    Loss = CE(masked model) + lambda_sparse * L_sparse + lambda_smooth * L_smooth (docs/method.md).
     The defaults are the settings that measured best on the CIFAR-10 val split (docs/benchmarks.md,
     "Defaults by evidence"; tests/test_spec.py keeps the two in step).
     """
@@ -299,7 +318,7 @@ class PruneConfig(Section):
     taylor_images: int = Field(1280, gt=0, description="taylor: train images for the gradients")
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
-    plan_file: Path | None = Field(
+    plan_file: InputFile = Field(
         None, description="replay a saved plan.json (kept units per block) instead of planning"
     )
 
@@ -410,7 +429,7 @@ class BuildEngineConfig(Section):
     Engines: one static engine per entry of ``batch_sizes`` (min = opt = max), or, when
     ``profiles`` is set, one engine per (min, opt, max) batch range, which then replaces
     ``batch_sizes``. ``best`` builds an fp16 and an int8 engine and ``verify`` keeps the faster
-    one that passes its gates (:mod:`xpdeploy.verify.engines`).
+    one that passes its gates (:mod:`xpdeploy.verify.accelerators`).
     """
 
     precision: Literal["fp32", "fp16", "int8", "best"] = "fp16"
@@ -424,7 +443,9 @@ class BuildEngineConfig(Section):
         "batch_sizes when set",
     )
     workspace_mb: int = Field(1024, gt=0, description="builder workspace pool limit, MiB")
-    calibration: Path | None = Field(None, description="calibration set manifest for int8")
+    calibration: CalibrationFile = Field(
+        None, description="calibration set manifest for int8 (or its preprocessed .npz)"
+    )
     calibrator: Literal["minmax", "entropy2"] = "minmax"
     calibration_batch_size: int = Field(
         8, gt=0, description="images per int8 calibration batch (a last partial batch is dropped)"

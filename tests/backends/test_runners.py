@@ -11,6 +11,7 @@ import torch
 from tests.conftest import TINY_MODEL
 from xpdeploy.artifacts import TorchModel
 from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.backends.runner import Runner
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.errors import MissingDependencyError
 from xpdeploy.export.onnx_export import export_onnx
@@ -18,7 +19,6 @@ from xpdeploy.models.arch import describe_arch, save_model
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
 from xpdeploy.spec import ModelConfig, PreprocessConfig
-from xpdeploy.verify.latency import Runner
 from xpdeploy.verify.outputs import infer_all
 
 

@@ -1,7 +1,7 @@
 """TrtRunner's calls into TensorRT's runtime and the CUDA memory layer, checked against fakes.
 
-These tests check OUR calls: that every I/O tensor gets a device address, that the v3 API is used
-when the execution context has it and the v2 bindings API otherwise, that shapes are set for
+These tests check OUR calls: that every I/O tensor gets a device address through TensorRT's tensor
+(v3) API, that a context without it is refused, that shapes are set for
 dynamic engines and wrong batches refused for fixed ones, that both timings and the deserialise
 time are recorded, and that no buffer outlives the runner. They do not test TensorRT or CUDA: the
 fake engine below only copies a recognisable pattern (row sum of the input plus the class index)
@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.engine.test_cuda_memory import fake_cudart
+from tests.backends.test_cuda_memory import fake_cudart
 from xpdeploy.backends import trt_runner as trt_runner_module
+from xpdeploy.backends.cuda_memory import CudaPythonBackend, _BackendBase
+from xpdeploy.backends.runner import Runner
 from xpdeploy.backends.trt_runner import EngineError, TrtRunner, numpy_dtype
-from xpdeploy.engine.cuda_memory import CudaPythonBackend, _BackendBase
-from xpdeploy.verify.latency import Runner, measure_latency
+from xpdeploy.verify.latency import measure_latency
 
 CLASSES = 10
 PIXELS = (3, 8, 8)
@@ -130,12 +131,13 @@ class Spec:
         self.profile = dynamic
 
 
-class FakeContextBase:
+class FakeContext:
     """Records calls; on execute, writes row-sum-plus-class-index into the logits buffer."""
 
     def __init__(self, spec: Spec, memory: MemoryBackend, log: list[tuple[str, Any]]) -> None:
         self.spec, self.memory, self.log = spec, memory, log
         self.batch: int | None = None if spec.profile else spec.tensors[0][3][0]
+        self.addresses: dict[str, int] = {}
 
     def _shape(self, i: int) -> tuple[int, ...]:
         shape = self.spec.tensors[i][3]
@@ -151,12 +153,6 @@ class FakeContextBase:
         out_dtype = numpy_dtype(self.spec.tensors[-1][2])
         raw = logits.astype(out_dtype).reshape(-1).view(np.uint8)
         self.memory.store[addresses["logits"]][: raw.size] = raw
-
-
-class FakeContextV3(FakeContextBase):
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.addresses: dict[str, int] = {}
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         self.log.append(("set_input_shape", (name, tuple(shape))))
@@ -178,33 +174,14 @@ class FakeContextV3(FakeContextBase):
         return True
 
 
-class FakeContextV2(FakeContextBase):
-    """TensorRT 8.x bindings API only: no execute_async_v3 attribute at all."""
-
-    def set_binding_shape(self, index: int, shape: tuple[int, ...]) -> bool:
-        self.log.append(("set_binding_shape", (index, tuple(shape))))
-        self.batch = shape[0]
-        return True
-
-    def get_binding_shape(self, index: int) -> tuple[int, ...]:
-        return self._shape(index)
-
-    def execute_async_v2(self, bindings: list[int], stream_handle: int) -> bool:
-        self.log.append(("execute_async_v2", (list(bindings), stream_handle)))
-        self.memory.calls.append(("execute", None))
-        self._run({t[0]: p for t, p in zip(self.spec.tensors, bindings, strict=True)})
-        return True
-
-
 class FakeEngine:
     def __init__(self, spec: Spec, memory: MemoryBackend, log: list[Any], api: str) -> None:
         self.spec, self.memory, self.log, self.api = spec, memory, log, api
-        self.num_io_tensors = self.num_bindings = len(spec.tensors)
+        self.num_io_tensors = len(spec.tensors)
 
     def _by_name(self, name: str) -> tuple[Any, ...]:
         return next(t for t in self.spec.tensors if t[0] == name)
 
-    # tensor API (v3)
     def get_tensor_name(self, i: int) -> str:
         return self.spec.tensors[i][0]
 
@@ -221,27 +198,11 @@ class FakeEngine:
         assert self.spec.profile is not None
         return [(b, *PIXELS) for b in self.spec.profile]
 
-    # bindings API (v2)
-    def get_binding_name(self, i: int) -> str:
-        return self.spec.tensors[i][0]
-
-    def binding_is_input(self, i: int) -> bool:
-        return self.spec.tensors[i][1]
-
-    def get_binding_dtype(self, i: int) -> DataType:
-        return self.spec.tensors[i][2]
-
-    def get_binding_shape(self, i: int) -> tuple[int, ...]:
-        return self.spec.tensors[i][3]
-
-    def get_profile_shape(self, profile: int, index: int) -> list[tuple[int, ...]]:
-        assert self.spec.profile is not None
-        return [(b, *PIXELS) for b in self.spec.profile]
-
-    def create_execution_context(self) -> FakeContextBase:
+    def create_execution_context(self) -> Any:
         self.log.append(("create_execution_context", None))
-        cls = FakeContextV3 if self.api == "v3" else FakeContextV2
-        return cls(self.spec, self.memory, self.log)
+        if self.api != "v3":  # TensorRT < 8.5: no tensor API (execute_async_v3)
+            return types.SimpleNamespace()
+        return FakeContext(self.spec, self.memory, self.log)
 
 
 def fake_trt(spec: Spec, memory: MemoryBackend, api: str = "v3") -> types.ModuleType:
@@ -309,7 +270,7 @@ def test_v3_binds_every_io_tensor_and_returns_float32_logits() -> None:
     runner, backend, trt = open_runner(Spec(batch=4, extra_output=True))
     x = pixels(4)
     with runner as r:
-        assert isinstance(r, Runner) and r.name == "trt-fp16" and r.api == "v3"
+        assert isinstance(r, Runner) and r.name == "trt-fp16"
         out = r.infer(x)
         ptrs = {name: buf.ptr for name, buf in r._device.items()}
     assert out.dtype == np.float32 and out.shape == (4, CLASSES)
@@ -378,17 +339,11 @@ def test_dynamic_engine_sets_input_shape_and_rebinds_when_the_batch_changes() ->
     assert backend.live_allocations == 0
 
 
-def test_v2_bindings_api_when_the_context_has_no_v3() -> None:
-    runner, _, trt = open_runner(Spec(dynamic=(1, 2, 4)), api="v2")
-    x = pixels(3)
-    with runner as r:
-        assert r.api == "v2"
-        out = r.infer(x)
-        ptrs = [r._device["pixels"].ptr, r._device["logits"].ptr]
-    np.testing.assert_allclose(out, expected_logits(x), rtol=1e-5)
-    assert ("set_binding_shape", (0, (3, *PIXELS))) in trt.log
-    assert ("execute_async_v2", (ptrs, 0xABC)) in trt.log
-    assert not any(name in ("set_tensor_address", "execute_async_v3") for name, _ in trt.log)
+def test_a_context_without_the_tensor_api_is_refused_and_nothing_leaks() -> None:
+    runner, backend, _ = open_runner(Spec(batch=2), api="v2")
+    with pytest.raises(EngineError, match=r"no execute_async_v3; xpdeploy needs TensorRT >= 8\.5"):
+        runner.__enter__()
+    assert backend.live_allocations == 0 and not backend.closed
 
 
 def test_fp16_io_is_converted_on_the_host() -> None:

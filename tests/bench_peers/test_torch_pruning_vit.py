@@ -16,7 +16,7 @@ pytest.importorskip("torch_pruning")
 from bench.peers.torch_pruning_vit import prune_with_torch_pruning
 from xpdeploy.export.onnx_export import export_onnx
 from xpdeploy.models.attention import plain_attention
-from xpdeploy.models.macs import count_gmacs
+from xpdeploy.models.complexity import count_gmacs
 
 INPUT_SIZE = (3, 16, 16)
 

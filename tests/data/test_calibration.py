@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from xpdeploy.artifacts import DataConfig
-from xpdeploy.calib_cli import calib
+from xpdeploy.cli.calibration import calib
 from xpdeploy.data.calibration import (
     PreprocessMismatchWarning,
     load_array,
@@ -207,7 +207,7 @@ def test_preprocess_mismatch_flagged(image_dir: Path, tmp_path: Path) -> None:
 def test_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import xpdeploy.data.calibration, xpdeploy.calib_cli\n"
+        "import xpdeploy.data.calibration, xpdeploy.cli.calibration\n"
         "assert sys.modules['torch'] is None\n"
     )
     root = Path(__file__).resolve().parents[2]

@@ -225,3 +225,40 @@ class OrtContext:
         raw = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1).view(np.uint8)
         memory.store[self.addresses["logits"]][: raw.size] = raw
         return True
+
+
+class BackendPerCall:
+    """A ``load_backend`` stand-in that opens a new :class:`DeviceMemoryBackend` per call, as the
+    real one does (a pipeline opens one per stage); ``current`` is the newest."""
+
+    def __init__(self, name: str = "NVIDIA Orin", cc: str = "8.7") -> None:
+        self.name, self.cc = name, cc
+        self.opened: list[DeviceMemoryBackend] = []
+
+    @property
+    def current(self) -> DeviceMemoryBackend | None:
+        return self.opened[-1] if self.opened else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DeviceMemoryBackend:
+        self.opened.append(DeviceMemoryBackend(self.name, self.cc))
+        return self.opened[-1]
+
+
+def install_stand_in(setter: Callable[[Any, str, Any], None], version: str = "10.3.0.26"
+                     ) -> tuple[types.ModuleType, list[tuple], BackendPerCall]:
+    """Make ``tensorrt`` the stand-in (of ``version``) and ``cuda_memory.load_backend`` a
+    :class:`BackendPerCall`; returns the module, its recorded builder calls and the loader.
+
+    ``setter``: ``monkeypatch.setattr`` in a test, plain ``setattr`` in a subprocess (the caller
+    restores ``sys.modules["tensorrt"]``; ``monkeypatch.setitem`` first does).
+    """
+    import sys
+
+    import xpdeploy.backends.cuda_memory as cuda_memory
+
+    loader = BackendPerCall()
+    trt, calls = make_ort_backed_trt(lambda: loader.current,  # type: ignore[arg-type, return-value]
+                                     version=version)
+    sys.modules["tensorrt"] = trt
+    setter(cuda_memory, "load_backend", loader)
+    return trt, calls, loader

@@ -28,9 +28,9 @@ from tests.engine.fake_trt import (
     make_fake_trt,
     names,
 )
+from xpdeploy.backends.trt_versions import TrtVersion
 from xpdeploy.engine.builder import build_engine, is_fused_attention_layer
 from xpdeploy.engine.settings import BuildSettings, plan_builds
-from xpdeploy.engine.versions import TrtVersion
 from xpdeploy.errors import BuildError, MissingDependencyError
 from xpdeploy.spec import BuildEngineConfig
 

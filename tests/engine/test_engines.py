@@ -19,8 +19,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.engine.ort_backed_trt import DeviceMemoryBackend, make_ort_backed_trt
-from tests.test_bundle import BundledRun, bundled_run  # noqa: F401 (session fixture)
+from tests.engine.ort_backed_trt import (
+    DeviceMemoryBackend,
+    install_stand_in,
+    make_ort_backed_trt,
+)
+from tests.test_bundle import BundledRun, bundled_run, source_models  # noqa: F401 (fixture)
 from xpdeploy.artifacts import EngineSet
 from xpdeploy.bundle import open_bundle
 from xpdeploy.cli import cli
@@ -38,7 +42,8 @@ pytestmark = pytest.mark.slow
 
 def _setup(bundled: BundledRun, tmp_path: Path):
     manifest = open_bundle(bundled.tar, tmp_path / "bundle")
-    sources = engine_sources(manifest.onnx["simplify"], manifest.models, prefix="bundle/")
+    sources = engine_sources(manifest.outputs("simplify")["onnx"], source_models(manifest),
+                             prefix="bundle/")
     pixels = np.random.default_rng(0).normal(size=(6, 3, 16, 16)).astype(np.float32)
     return manifest, sources, CalibrationSamples(pixels, "c" * 64)
 
@@ -144,16 +149,14 @@ def test_device_run_builds_verifies_and_chooses_precision(
     bundled_run: BundledRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """``xpdeploy run X.tar --stages build_engine,verify,report`` with the stand-in installed."""
-    backend = DeviceMemoryBackend("NVIDIA Orin", "8.7")
-    trt, _ = make_ort_backed_trt(backend)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr("xpdeploy.engine.cuda_memory.load_backend", lambda *a, **k: backend)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    _, _, loader = install_stand_in(monkeypatch.setattr)
     run_dir = tmp_path / "device"
     result = CliRunner().invoke(cli, ["run", str(bundled_run.tar), "--run-dir", str(run_dir),
                                       "--stages", "build_engine,verify,report"])
     assert result.exit_code == 0, result.output
     assert "PASSED | tiny (device)" in result.output
-    engines = EngineSet.model_validate_json((run_dir / "engines.json").read_text())
+    engines = _engines(run_dir)
     assert [e.name for e in engines.engines] == ["original.fp16-b1", "original.int8-b1",
                                                  "pruned.fp16-b1", "pruned.int8-b1"]
     parity = json.loads((run_dir / "09_verify" / "parity.json").read_text())
@@ -175,17 +178,22 @@ def test_device_run_builds_verifies_and_chooses_precision(
     assert len(kept["dropped"]) == 1 and kept["reason"].startswith("kept ")
     report_md = (run_dir / "report.md").read_text()
     assert "pruned.int8-b1.plan" in report_md and "precision best" in report_md
-    assert backend.live_allocations == 0 and backend.closed
+    assert len(loader.opened) == 2  # build_engine's and verify's
+    assert all(b.live_allocations == 0 and b.closed for b in loader.opened)
+
+
+def _engines(run_dir: Path) -> EngineSet:
+    """The engines a device run recorded in its build_engine manifest."""
+    manifest = json.loads((run_dir / "08_build_engine" / "manifest.json").read_text())
+    return EngineSet.model_validate(manifest["outputs"]["engines"]["artifact"])
 
 
 def _device_run_on(version: str, bundled: BundledRun, run_dir: Path,
                    monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple]]:
     """``xpdeploy run bundle.tar --stages build_engine,verify`` with a TensorRT stand-in of
     ``version``: the CLI result and the builder-side calls it recorded."""
-    backend = DeviceMemoryBackend()
-    trt, calls = make_ort_backed_trt(backend, version=version)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr("xpdeploy.engine.cuda_memory.load_backend", lambda *a, **k: backend)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    _, calls, _ = install_stand_in(monkeypatch.setattr, version=version)
     result = CliRunner().invoke(cli, ["run", str(bundled.tar), "--run-dir", str(run_dir),
                                       "--stages", "build_engine,verify"])
     return result, calls
@@ -197,7 +205,7 @@ def test_device_run_build_errors_are_one_line(
     result, _ = _device_run_on("8.4.3.1", bundled_run, tmp_path / "d", monkeypatch)
     assert result.exit_code != 0
     assert "TensorRT 8.4.3 is too old" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "d" / "engines.json").exists()
+    assert not (tmp_path / "d" / "08_build_engine" / "manifest.json").exists()
 
 
 def test_device_refuses_a_graph_its_tensorrt_cannot_parse_in_one_line(
@@ -210,7 +218,7 @@ def test_device_refuses_a_graph_its_tensorrt_cannot_parse_in_one_line(
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "TensorRT 8.5.2 cannot parse" in result.output
     assert "export with export_onnx.opset: 16 for JetPack 5" in result.output
-    assert not (tmp_path / "d" / "engines.json").exists()
+    assert not (tmp_path / "d" / "08_build_engine" / "manifest.json").exists()
     assert not list((tmp_path / "d").rglob("*.plan"))
     assert calls == [], "refused before any builder call"
 
@@ -231,31 +239,22 @@ def test_real_tensorrt_builds_verifies_and_reuses_engines(
     """On a GPU machine with TensorRT and a CUDA binding: the bundle's engines are really built
     (weak or strong path by the installed version), run by TrtRunner, pass their gates, and a
     second build with the same engine cache reuses every plan."""
-    from xpdeploy.data.calibration import load_npz
-    from xpdeploy.engine.cuda_memory import load_backend
-    from xpdeploy.spec import load_spec
-    from xpdeploy.verify.device import verify_bundle
+    from xpdeploy.device_run import run_bundle
+    from xpdeploy.runfolder import RunFolder, parse_outputs
 
-    manifest = open_bundle(bundled_run.tar, tmp_path / "run" / "bundle")
     # The bundle's pipeline builds "best" with 2-image calibration batches; set the precision.
-    bundled = load_spec(manifest.path("pipeline.yaml")).build_engine
-    assert bundled is not None
-    cfg = bundled.model_copy(update={"precision": precision,
-                                     "engine_cache": tmp_path / "cache"})
-
-    batch = load_npz(manifest.path("calibration.npz"))
-    calibration = CalibrationSamples(batch.pixels, batch.manifest_sha256)
-    sources = engine_sources(manifest.onnx["simplify"], manifest.models, prefix="bundle/")
-    root = tmp_path / "run"
-    with load_backend() as backend:
-        first = build_engines(sources, cfg, root, root / "a", backend=backend,
-                              calibration=calibration)
-        again = build_engines(sources, cfg, root, root / "b", backend=backend,
-                              calibration=calibration)
-        assert all(not e.cache_hit for e in first.engines)
-        assert all(e.cache_hit for e in again.engines)
-        parity = verify_bundle(manifest, engines=first, engines_root=root, backend=backend,
-                               batch_sizes=[1], warmup=2, iters=10)
+    overrides = (f"build_engine.precision={precision}",
+                 f"build_engine.engine_cache={tmp_path / 'cache'}", "verify.batch_sizes=[1]",
+                 "verify.warmup=2", "verify.iters=10")
+    stages = ["build_engine", "verify"]
+    result = run_bundle(bundled_run.tar, tmp_path / "a", stages, overrides=overrides)
+    run_bundle(bundled_run.tar, tmp_path / "b", stages, overrides=overrides)
+    first, again = (parse_outputs(RunFolder(tmp_path / d).read_manifest("build_engine") or {})
+                    ["engines"] for d in ("a", "b"))
+    assert all(not e.cache_hit for e in first.engines)  # type: ignore[attr-defined]
+    assert all(e.cache_hit for e in again.engines)  # type: ignore[attr-defined]
+    parity = result.parity
+    assert parity is not None
     trt_results = [c for c in parity.candidates if c.runner.startswith("trt-")]
     assert len(trt_results) == len(first.engines)
     assert all(c.gpu_latency_ms and c.gpu_latency_ms[0].p50 > 0 for c in trt_results)

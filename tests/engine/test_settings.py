@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from xpdeploy.backends.trt_versions import TrtVersion
 from xpdeploy.engine.settings import Profile, build_precisions, plan_builds
-from xpdeploy.engine.versions import TrtVersion
 from xpdeploy.errors import BuildError
 from xpdeploy.spec import BuildEngineConfig
 

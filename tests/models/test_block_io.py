@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import TINY_MODEL, TINY_SWIN
 from xpdeploy.models.block_io import block_inputs, forward_from_block
-from xpdeploy.models.units import transformer_blocks
+from xpdeploy.models.unit_sites import transformer_blocks
 
 
 @pytest.mark.parametrize("arch", [TINY_MODEL, TINY_SWIN], ids=["vit", "swin"])

@@ -10,8 +10,8 @@ import torch
 from tests.conftest import TINY_MODEL
 from xpdeploy.errors import ModelError
 from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
+from xpdeploy.models.complexity import count_gmacs, count_params_m
 from xpdeploy.models.factory import create_model
-from xpdeploy.models.macs import count_gmacs, count_params_m
 from xpdeploy.spec import ModelConfig
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from xpdeploy.errors import PruneError
 from xpdeploy.prune.allocation import kept_counts, solve_budgets
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints
 from xpdeploy.prune.sensitivity import LossCurve, SensitivityCurves
 

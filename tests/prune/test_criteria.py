@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY_SWIN
 from xpdeploy.errors import PruneError
-from xpdeploy.models.units import unit_sites
+from xpdeploy.models.unit_sites import unit_sites
 from xpdeploy.prune.criteria import (
     CRITERIA,
     hybrid_scores,
@@ -17,7 +17,7 @@ from xpdeploy.prune.criteria import (
     random_scores,
     taylor_scores,
 )
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.unit_scores import UnitScores
 from xpdeploy.spec import PruneConfig
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from xpdeploy.errors import PruneError
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import (
     PlanConstraints,
     plan_global,
@@ -16,7 +16,7 @@ from xpdeploy.prune.planner import (
     repair_to_budget,
     smallest_macs,
 )
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 
 # DeiT-Tiny's shape: 12 blocks, 3 heads of 64, MLP 768, 197 tokens of width 192.
 DEIT_T = MacModel(
@@ -224,7 +224,7 @@ def test_bad_inputs_raise() -> None:
 
 
 def test_reading_a_bad_plan_file_is_one_clear_error(tmp_path) -> None:
-    from xpdeploy.prune.units import KeepSets
+    from xpdeploy.prune.unit_scores import KeepSets
 
     with pytest.raises(PruneError, match="does not exist"):
         KeepSets.read(tmp_path / "none.json")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tests.conftest import TINY_MODEL
 from tests.distributed_utils import run_ranks
 from xpdeploy.prune.criteria import magnitude_scores, random_scores
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.sensitivity import (
     SensitivityCurves,
@@ -21,7 +21,7 @@ from xpdeploy.prune.sensitivity import (
     sensitivity_plan,
 )
 from xpdeploy.prune.surgery import prune_model
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.unit_scores import UnitScores
 
 C = PlanConstraints(round_mlp_to=8, min_mlp_per_block=8, tolerance=0.01)
 

@@ -17,12 +17,13 @@ from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.errors import PruneError
 from xpdeploy.export.onnx_export import export_onnx
 from xpdeploy.models.arch import describe_arch, save_model
-from xpdeploy.models.macs import count_gmacs
-from xpdeploy.models.units import gated_units
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.models.block_shapes import apply_block_shapes
+from xpdeploy.models.complexity import count_gmacs
+from xpdeploy.models.unit_sites import gated_units
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
-from xpdeploy.prune.surgery import apply_block_shapes, hard_gates, prune_model
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.surgery import hard_gates, prune_model
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 
 INPUT = (3, 16, 16)
 BASE: dict[str, Any] = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 3,

@@ -24,12 +24,12 @@ from xpdeploy.errors import PruneError
 from xpdeploy.export.onnx_export import export_onnx
 from xpdeploy.export.simplify import simplify_onnx
 from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
-from xpdeploy.models.macs import count_gmacs
-from xpdeploy.models.units import gated_units, unit_sites
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.models.complexity import count_gmacs
+from xpdeploy.models.unit_sites import gated_units, unit_sites
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, plan_global
 from xpdeploy.prune.surgery import hard_gates, prune_model
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 from xpdeploy.xpruner.masks import ClassMasks, masked
 
 NAME = TINY_SWIN["name"]

@@ -11,7 +11,7 @@ import torch
 
 from xpdeploy.errors import PruneError
 from xpdeploy.prune.criteria import magnitude_scores
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints
 from xpdeploy.prune.threshold import (
     BLOCK_KEYS,
@@ -21,7 +21,7 @@ from xpdeploy.prune.threshold import (
     sharpness,
     threshold_search,
 )
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.unit_scores import UnitScores
 from xpdeploy.spec import ThresholdConfig
 
 # round_mlp_to=1: in this tiny model a group of 8 neurons costs more than the 0.5% tolerance, so

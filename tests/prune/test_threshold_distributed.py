@@ -17,7 +17,7 @@ import torch
 from tests.distributed_utils import run_ranks
 from xpdeploy import distributed
 from xpdeploy.prune.criteria import magnitude_scores
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints
 from xpdeploy.prune.threshold import ThresholdResult, threshold_search
 from xpdeploy.spec import ThresholdConfig

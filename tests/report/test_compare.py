@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from xpdeploy.cli.compare import compare
+from xpdeploy.environment import device_fingerprint, fingerprint_id
 from xpdeploy.report.compare import (
     ComparisonError,
-    compare,
     compare_reports,
     parse_fraction,
 )
-from xpdeploy.report.environment import device_fingerprint, fingerprint_id
 from xpdeploy.report.schema import validate_report
 
 

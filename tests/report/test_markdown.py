@@ -101,7 +101,7 @@ def test_write_markdown(tmp_path: Path) -> None:
 
 def jetson_environment() -> dict[str, Any]:
     """A captured Jetson environment (capture()'s keys) in its 15 W mode with unlocked clocks."""
-    from xpdeploy.report.environment import (
+    from xpdeploy.environment import (
         MAX_PERFORMANCE_HINT,
         device_fingerprint,
         fingerprint_id,
@@ -131,7 +131,7 @@ def jetson_environment() -> dict[str, Any]:
 
 def cpu_environment() -> dict[str, Any]:
     """A captured environment of a plain CPU machine: no GPU, no TensorRT, not a Jetson."""
-    from xpdeploy.report.environment import device_fingerprint, fingerprint_id
+    from xpdeploy.environment import device_fingerprint, fingerprint_id
 
     env: dict[str, Any] = {
         "host": {"platform": "Linux-6.8-x86_64", "machine": "x86_64",

@@ -33,7 +33,7 @@ def test_engines_are_built_verified_and_reported_on_the_host(
 
     trt, _ = make_ort_backed_trt(lambda: opened[-1])
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr("xpdeploy.engine.cuda_memory.load_backend", load_backend)
+    monkeypatch.setattr("xpdeploy.backends.cuda_memory.load_backend", load_backend)
     d = tiny_pipeline_dict(build_engine={"precision": "fp16", "batch_sizes": [4]})
     d["stages"] = ["load", "train", "export_onnx", "build_engine", "verify", "report"]
     spec = load_spec(write_pipeline(tmp_path / "p.yaml", d))

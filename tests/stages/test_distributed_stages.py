@@ -21,6 +21,7 @@ from xpdeploy import distributed
 from xpdeploy.artifacts import TorchModel
 from xpdeploy.spec import PipelineSpec, SensitivityConfig, load_spec
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import read_settings
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,14 @@ def _spec(tmp_path: Path) -> PipelineSpec:
 
 def _context(spec: PipelineSpec, run_dir: Path, stage: str) -> StageContext:
     """Rank 0 uses the folder ``stage``, rank r ``stage.rank<r>`` (see the module docstring)."""
+    import importlib
+
     r = distributed.rank()
     folder = run_dir / (stage if r == 0 else f"{stage}.rank{r}")
     folder.mkdir(parents=True)
-    return StageContext(stage, run_dir, folder, spec, "fingerprint")
+    name = stage.split("_", 1)[1].removesuffix("_magnitude").removesuffix("_sensitivity")
+    settings = read_settings(importlib.import_module(f"xpdeploy.stages.{name}"), spec)
+    return StageContext(stage, run_dir, folder, settings, "fingerprint")
 
 
 def _stages_on_rank(spec: PipelineSpec, run_dir: Path, model: TorchModel) -> dict[str, Any]:
@@ -66,7 +71,8 @@ def test_rank_0_alone_writes_and_returns_the_outputs(tmp_path: Path) -> None:
 
     spec = _spec(tmp_path)
     run_dir = tmp_path / "run"
-    model = load.run(StageContext("load", run_dir, run_dir / "01_load", spec, "f"))["model"]
+    model = load.run(StageContext("load", run_dir, run_dir / "01_load",
+                                  read_settings(load, spec), "f"))["model"]
     first, second = run_ranks(_stages_on_rank, 2, spec, run_dir, model)
 
     assert first == {"learned": ["masks"], "pruned": ["model", "plan"], "plain": ["model", "plan"],

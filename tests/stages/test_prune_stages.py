@@ -108,9 +108,9 @@ def test_hybrid_criterion_plans_from_masks_and_taylor(tmp_path: Path) -> None:
     from xpdeploy.models.arch import rebuild_model
     from xpdeploy.models.data_config import resolve_data_config
     from xpdeploy.prune import criteria
-    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.mac_model import MacModel
     from xpdeploy.prune.planner import PlanConstraints, plan_global
-    from xpdeploy.prune.units import UnitScores
+    from xpdeploy.prune.unit_scores import UnitScores
     from xpdeploy.training.batches import shuffled_batches
 
     spec = _pipeline(tmp_path, "xpruner_taylor")

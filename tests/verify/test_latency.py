@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from xpdeploy.backends.runner import Runner
 from xpdeploy.verify.latency import (
-    Runner,
     latency_stats,
     make_batch,
     measure_interleaved,

@@ -15,6 +15,7 @@ from xpdeploy.errors import DataError, ModelError
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
 from xpdeploy.spec import DataConfigSection, LearnMasksConfig, ModelConfig, PreprocessConfig
+from xpdeploy.training import checkpoint
 from xpdeploy.xpruner.masks import ClassMasks
 
 NUM_CLASSES = 10
@@ -158,17 +159,17 @@ def test_resume_gives_the_same_masks(tmp_path: Path, monkeypatch) -> None:
     expected = learn.learn_masks(_model(), data, cfg, num_classes=NUM_CLASSES, seed=0,
                                  checkpoint_dir=tmp_path / "a", fingerprint="f")
 
-    real_save = learn._save_checkpoint
+    real_save = checkpoint.save
 
     def save_then_die(path, state):
         real_save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(learn, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         learn.learn_masks(_model(), data, cfg, num_classes=NUM_CLASSES, seed=0,
                           checkpoint_dir=tmp_path / "b", fingerprint="f")
-    monkeypatch.setattr(learn, "_save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save", real_save)
     resumed = learn.learn_masks(_model(), data, cfg, num_classes=NUM_CLASSES, seed=0,
                                 checkpoint_dir=tmp_path / "b", fingerprint="f")
     assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 2
@@ -187,6 +188,40 @@ def test_resume_gives_the_same_masks(tmp_path: Path, monkeypatch) -> None:
     again = learn.learn_masks(_model(), data, changed, num_classes=NUM_CLASSES, seed=0,
                               checkpoint_dir=tmp_path / "b", fingerprint="g")
     assert again.resumed_from_epoch == 0
+
+
+def test_resume_restores_the_rng_state(tmp_path: Path, monkeypatch) -> None:
+    """The mask checkpoint is a training checkpoint: a resumed run draws from the RNG state the
+    interrupted one saved, whatever the resuming process's RNG was."""
+    cfg = LearnMasksConfig(epochs=2, batch_size=16, max_images=32, lr=0.05)
+    data = _noise()
+    at_epoch_start: list[torch.Tensor] = []
+    real_epoch, real_save = learn._train_epoch, checkpoint.save
+
+    def recording_epoch(*args, **kwargs):
+        at_epoch_start.append(torch.get_rng_state())
+        return real_epoch(*args, **kwargs)
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(learn, "_train_epoch", recording_epoch)
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        learn.learn_masks(_model(), data, cfg, num_classes=NUM_CLASSES, seed=0,
+                          checkpoint_dir=tmp_path, fingerprint="f")
+    saved = torch.get_rng_state()  # nothing draws between the save and the interrupt
+    assert "rng" in torch.load(tmp_path / learn.CHECKPOINT_NAME, weights_only=True)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    model = _model()
+    torch.manual_seed(2)  # a fresh process starts from another state
+    at_epoch_start.clear()
+    resumed = learn.learn_masks(model, data, cfg, num_classes=NUM_CLASSES, seed=0,
+                                checkpoint_dir=tmp_path, fingerprint="f")
+    assert resumed.resumed_from_epoch == 1 and len(at_epoch_start) == 1
+    assert torch.equal(at_epoch_start[0], saved)
 
 
 def test_mismatched_classes_and_labels_are_one_line_errors() -> None:

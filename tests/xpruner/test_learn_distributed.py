@@ -29,10 +29,11 @@ from tests.distributed_utils import run_ranks
 from xpdeploy import distributed
 from xpdeploy.models.factory import create_model
 from xpdeploy.spec import LearnMasksConfig, ModelConfig
+from xpdeploy.training import checkpoint
 
 NUM_CLASSES = 10
 PER_RANK_BATCH = 8
-_REAL_SAVE, _REAL_LOG_EPOCH = learn._save_checkpoint, learn._log_epoch
+_REAL_WRITE, _REAL_LOG_EPOCH = checkpoint.write_with, learn._log_epoch
 SETTINGS = {"epochs": 2, "max_images": 48, "lr": 0.05, "smoothness": "none"}
 
 
@@ -66,23 +67,23 @@ def _learn_on_rank(cfg: LearnMasksConfig, checkpoint_dir: Path,
     data = _Recorded()
     saves: list[int] = []
 
-    def counting_save(path: Path, state: dict[str, Any]) -> None:
-        saves.append(int(state["epoch"]))
-        _REAL_SAVE(path, state)
+    def counting_write(path: Path, write: Any) -> None:  # the file writes this rank makes
+        _REAL_WRITE(path, write)
+        saves.append(int(torch.load(path, weights_only=True)["epoch"]))
 
     def log_then_stop(record: dict[str, float], epochs: int) -> None:
         _REAL_LOG_EPOCH(record, epochs)
         if stop_after_epoch is not None and record["epoch"] > stop_after_epoch:
             raise KeyboardInterrupt
 
-    learn._save_checkpoint, learn._log_epoch = counting_save, log_then_stop
+    checkpoint.write_with, learn._log_epoch = counting_write, log_then_stop
     try:
         result = learn.learn_masks(_model(), data, cfg, num_classes=NUM_CLASSES, seed=0,
                                    checkpoint_dir=checkpoint_dir, fingerprint="f")
     except KeyboardInterrupt:
         return {"rank": distributed.rank(), "interrupted": True, "saves": saves}
     finally:
-        learn._save_checkpoint, learn._log_epoch = _REAL_SAVE, _REAL_LOG_EPOCH
+        checkpoint.write_with, learn._log_epoch = _REAL_WRITE, _REAL_LOG_EPOCH
     return {"rank": distributed.rank(), "interrupted": False, "saves": saves, "read": data.read,
             "masks": [t.detach().clone() for t in result.masks.tables()],
             "history": result.history, "steps": result.steps,

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import TINY_MODEL
 from xpdeploy.models.factory import create_model
-from xpdeploy.models.units import gated_units
+from xpdeploy.models.unit_sites import gated_units
 from xpdeploy.spec import ModelConfig
 from xpdeploy.xpruner.masks import ClassMasks, MaskedModel, coverage_scores, masked, scores
 

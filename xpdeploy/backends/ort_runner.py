@@ -24,6 +24,36 @@ def gpu_providers() -> list[str]:
     return [p for p in GPU_PROVIDERS if p in available]
 
 
+def ort_session(
+    path: Path, *, provider: str = "CPUExecutionProvider", threads: int | None = None,
+    optimize: bool = True,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path`` on one provider, one inter-op thread.
+
+    ``threads``: intra-op threads (None: one per core). ``optimize=False`` turns graph fusion off,
+    so Q/DQ pairs run as exact fake quantization (what TensorRT's int8 GEMMs compute), not through
+    onnxruntime's own int8 CPU kernels, whose extra error says nothing about an engine.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependencyError(
+            "onnxruntime is not installed; pip install onnxruntime") from None
+    if provider not in ort.get_available_providers():
+        raise MissingDependencyError(
+            f"onnxruntime provider {provider} is not available here "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: warnings would flood CI logs
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+
+
 class OrtRunner:
     """Runs an ONNX file in an onnxruntime session with a fixed thread count."""
 
@@ -44,25 +74,7 @@ class OrtRunner:
         self._session: Any = None
 
     def __enter__(self) -> OrtRunner:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependencyError(
-                "onnxruntime is not installed; pip install onnxruntime"
-            ) from None
-        if self._provider not in ort.get_available_providers():
-            raise MissingDependencyError(
-                f"onnxruntime provider {self._provider} is not available here "
-                f"(available: {', '.join(ort.get_available_providers())})"
-            )
-        options = ort.SessionOptions()
-        if self._threads:
-            options.intra_op_num_threads = self._threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: warnings would flood CI logs
-        self._session = ort.InferenceSession(
-            str(self._path), sess_options=options, providers=[self._provider]
-        )
+        self._session = ort_session(self._path, provider=self._provider, threads=self._threads)
         return self
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:

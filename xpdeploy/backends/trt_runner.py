@@ -1,11 +1,9 @@
 """TensorRT behind the runner interface: deserialise a plan, bind device buffers, time each call.
 
-Two TensorRT APIs are supported, chosen by what the execution context offers:
-
-* **v3** (TensorRT 8.5 and later, the only one in 10.x): tensors by name; ``set_input_shape``,
-  ``set_tensor_address`` for every I/O tensor, then ``execute_async_v3(stream)``.
-* **v2** (TensorRT 8.x without v3): tensors by binding index; ``set_binding_shape`` and
-  ``execute_async_v2(bindings, stream)`` with the list of device pointers.
+TensorRT's tensor API (v3) is used: tensors by name; ``set_input_shape``, ``set_tensor_address``
+for every I/O tensor, then ``execute_async_v3(stream)``. Every TensorRT xpdeploy accepts (8.5 and
+later, :data:`~xpdeploy.backends.trt_versions.MIN_VERSION`) has it; the older bindings API is not
+used.
 
 Each ``infer`` records two times (milliseconds per batch):
 
@@ -33,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from xpdeploy.engine.cuda_memory import CudaBackend, DeviceMemory, load_backend
-from xpdeploy.engine.versions import import_tensorrt
+from xpdeploy.backends.cuda_memory import CudaBackend, DeviceMemory, load_backend
+from xpdeploy.backends.trt_versions import MIN_VERSION, import_tensorrt
 from xpdeploy.errors import XpdeployError
 
 
@@ -75,7 +73,7 @@ class IoTensor:
     """One engine input or output as the engine declares it (-1 marks a dynamic dimension)."""
 
     name: str
-    index: int  # binding index (v2) or I/O tensor index (v3)
+    index: int  # I/O tensor index
     is_input: bool
     dtype: np.dtype
     shape: tuple[int, ...]
@@ -93,7 +91,7 @@ class TrtTiming:
 class TrtRunner:
     """Runs a serialised TensorRT engine (a ``.plan`` path or its bytes) on one CUDA stream.
 
-    ``backend`` is a :class:`~xpdeploy.engine.cuda_memory.CudaBackend`; by default one is loaded
+    ``backend`` is a :class:`~xpdeploy.backends.cuda_memory.CudaBackend`; by default one is loaded
     on ``__enter__`` (cuda-python, else pycuda) and closed on ``__exit__``. A backend passed in is
     left open (its owner closes it); the runner still frees every buffer it allocated.
     ``trt_module`` replaces ``import tensorrt`` (tests). ``clock`` returns seconds.
@@ -118,7 +116,6 @@ class TrtRunner:
         self.deserialize_ms: float | None = None
         self.first_inference_ms: float | None = None
         self.timings: list[TrtTiming] = []
-        self.api: str | None = None  # "v3" or "v2", known after __enter__
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -136,7 +133,6 @@ class TrtRunner:
         self._batch: int | None = None  # batch the buffers and shapes are set up for
         self._device: dict[str, DeviceMemory] = {}
         self._host_out: dict[str, np.ndarray] = {}
-        self._bindings: list[int] = []
 
     # -- open / close ---------------------------------------------------------------------------
     def _plan_bytes(self) -> bytes:
@@ -176,7 +172,11 @@ class TrtRunner:
                     f"TensorRT could not create an execution context for '{self.name}' "
                     "(out of GPU memory?)"
                 )
-            self.api = "v3" if hasattr(self._context, "execute_async_v3") else "v2"
+            if not hasattr(self._context, "execute_async_v3"):
+                raise EngineError(
+                    f"TensorRT {getattr(trt, '__version__', '?')} has no execute_async_v3; "
+                    f"xpdeploy needs TensorRT >= {'.'.join(map(str, MIN_VERSION[:2]))}"
+                )
             self._read_io()
             self._stream = self._backend.stream_create()
             self._events = (self._backend.event_create(), self._backend.event_create())
@@ -210,17 +210,11 @@ class TrtRunner:
     def _read_io(self) -> None:
         trt, eng = self._trt, self._engine
         tensors: list[IoTensor] = []
-        if self.api == "v3":
-            for i in range(eng.num_io_tensors):
-                name = eng.get_tensor_name(i)
-                is_input = eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-                tensors.append(IoTensor(name, i, is_input, numpy_dtype(eng.get_tensor_dtype(name)),
-                                        tuple(int(d) for d in eng.get_tensor_shape(name))))
-        else:
-            for i in range(eng.num_bindings):
-                tensors.append(IoTensor(eng.get_binding_name(i), i, bool(eng.binding_is_input(i)),
-                                        numpy_dtype(eng.get_binding_dtype(i)),
-                                        tuple(int(d) for d in eng.get_binding_shape(i))))
+        for i in range(eng.num_io_tensors):
+            name = eng.get_tensor_name(i)
+            is_input = eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            tensors.append(IoTensor(name, i, is_input, numpy_dtype(eng.get_tensor_dtype(name)),
+                                    tuple(int(d) for d in eng.get_tensor_shape(name))))
         self._inputs = [t for t in tensors if t.is_input]
         self._outputs = [t for t in tensors if not t.is_input]
         if len(self._inputs) != 1 or not self._outputs:
@@ -238,14 +232,10 @@ class TrtRunner:
         if len(inp.shape) < 1:
             raise EngineError(f"engine input '{inp.name}' has no batch dimension: {inp.shape}")
         if inp.shape[0] == -1:
-            if self.api == "v3":
-                lo, _, hi = eng.get_tensor_profile_shape(inp.name, 0)
-            else:
-                lo, _, hi = eng.get_profile_shape(0, inp.index)
+            lo, _, hi = eng.get_tensor_profile_shape(inp.name, 0)
             self._batch_range = (int(lo[0]), int(hi[0]))
         else:
             self._batch_range = (inp.shape[0], inp.shape[0])
-        self._bindings = [0] * (len(self._inputs) + len(self._outputs))
 
     @property
     def batch_range(self) -> tuple[int, int]:
@@ -294,18 +284,10 @@ class TrtRunner:
         """Set the input shape (dynamic engines), size buffers, bind every I/O tensor's address."""
         ctx, backend = self._context, self._backend
         inp = self._inputs[0]
-        if self.api == "v3":
-            if -1 in inp.shape and not ctx.set_input_shape(inp.name, shape):
-                raise EngineError(f"TensorRT refused input shape {shape} for '{inp.name}'")
-        elif -1 in inp.shape and not ctx.set_binding_shape(inp.index, shape):
+        if -1 in inp.shape and not ctx.set_input_shape(inp.name, shape):
             raise EngineError(f"TensorRT refused input shape {shape} for '{inp.name}'")
         for t in (*self._inputs, *self._outputs):
-            if t.is_input:
-                dims = shape
-            elif self.api == "v3":
-                dims = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
-            else:
-                dims = tuple(int(d) for d in ctx.get_binding_shape(t.index))
+            dims = shape if t.is_input else tuple(int(d) for d in ctx.get_tensor_shape(t.name))
             if any(d < 0 for d in dims):
                 raise EngineError(f"TensorRT left output '{t.name}' with unknown shape {dims}")
             nbytes = int(np.prod(dims, dtype=np.int64)) * t.dtype.itemsize
@@ -318,11 +300,8 @@ class TrtRunner:
                 self._device[t.name] = buf
             if not t.is_input:
                 self._host_out[t.name] = np.empty(dims, dtype=t.dtype)
-            if self.api == "v3":
-                if not ctx.set_tensor_address(t.name, buf.ptr):
-                    raise EngineError(f"TensorRT refused the device address of '{t.name}'")
-            else:
-                self._bindings[t.index] = buf.ptr
+            if not ctx.set_tensor_address(t.name, buf.ptr):
+                raise EngineError(f"TensorRT refused the device address of '{t.name}'")
         self._batch = shape[0]
 
     # -- inference ------------------------------------------------------------------------------
@@ -344,10 +323,7 @@ class TrtRunner:
         ev_start, ev_end = self._events  # type: ignore[misc]
         backend.htod_async(self._device[inp.name], x, stream)
         backend.event_record(ev_start, stream)
-        if self.api == "v3":
-            ok = self._context.execute_async_v3(backend.stream_handle(stream))
-        else:
-            ok = self._context.execute_async_v2(self._bindings, backend.stream_handle(stream))
+        ok = self._context.execute_async_v3(backend.stream_handle(stream))
         backend.event_record(ev_end, stream)
         logits_t = self._logits_tensor()
         host = self._host_out[logits_t.name]

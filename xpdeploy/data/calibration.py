@@ -56,7 +56,7 @@ from xpdeploy.data.npz import read_npz, write_npz
 from xpdeploy.data.preprocess import preprocess_image
 from xpdeploy.data.verify_set import select_indices
 from xpdeploy.errors import DataError
-from xpdeploy.fileio import sha256_file, write_text_atomic, write_with
+from xpdeploy.fileio import sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     from xpdeploy.artifacts import DataConfig
@@ -552,6 +552,19 @@ def load_configured(
     return pixels, manifest
 
 
+def load_for_engine(path: str | Path, data_config: DataConfig) -> tuple[np.ndarray, str]:
+    """``build_engine.calibration`` as (pixels, digest of the manifest they came from).
+
+    ``path`` is a manifest (its images are preprocessed with ``data_config``) or, in a device
+    bundle, the ``.npz`` of already preprocessed batches (:func:`save_npz`).
+    """
+    if Path(path).suffix == ".npz":
+        batch = load_npz(path)
+        return batch.pixels, batch.manifest_sha256
+    pixels, manifest = load_configured(path, data_config)
+    return pixels, manifest.digest()
+
+
 # --------------------------------------------------------------------------------------------------
 # Preprocessed batches on disk (for the device bundle)
 
@@ -584,12 +597,7 @@ def save_npz(path: str | Path, pixels: np.ndarray, manifest: CalibrationManifest
         "files": np.array([e.path for e in manifest.entries], dtype=str),
         "manifest_sha256": np.array(manifest.digest(), dtype=str),
     }
-
-    def writer(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            write_npz(fh, arrays)
-
-    write_with(path, writer)
+    write_npz(path, arrays)
 
 
 def load_npz(path: str | Path, manifest: CalibrationManifest | None = None) -> CalibrationBatch:

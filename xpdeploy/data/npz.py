@@ -13,18 +13,23 @@ from pathlib import Path
 import numpy as np
 
 from xpdeploy.errors import DataError
+from xpdeploy.fileio import write_with
 
 #: Zip entry timestamp: np.savez would stamp the current time and change the bytes on every run.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def write_npz(fh: object, arrays: dict[str, np.ndarray]) -> None:
-    """Uncompressed .npz with fixed entry timestamps into the open binary file ``fh``."""
-    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
-        for key, array in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
-            with zf.open(info, "w", force_zip64=True) as out:
-                np.lib.format.write_array(out, array, allow_pickle=False)
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Uncompressed .npz with fixed entry timestamps at ``path``, written atomically."""
+
+    def writer(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for key, array in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+                with zf.open(info, "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, np.asarray(array), allow_pickle=False)
+
+    write_with(path, writer)
 
 
 def read_npz(path: str | Path, keys: tuple[str, ...], *, what: str, fix: str

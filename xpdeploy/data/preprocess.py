@@ -3,7 +3,7 @@
 Every backend (torch, onnxruntime, TensorRT) and every source (image folders, digits, synthetic,
 calibration sets) goes through :func:`preprocess_image`, so all of them see **byte-identical**
 arrays for the same image and data config; a logit difference between backends is then a property of
-the backends, never of two slightly different resize paths (design.md section 6).
+the backends, never of two slightly different resize paths (docs/architecture.md section 6).
 
 Only numpy and Pillow are used: this module runs on torch-free device machines.
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from xpdeploy.data.npz import read_npz, write_npz
 from xpdeploy.errors import DataError
-from xpdeploy.fileio import write_with
 
 _KEYS = ("pixels", "labels", "source", "synthetic", "class_names")
 
@@ -87,12 +86,7 @@ def save_verify_set(
         "synthetic": np.array(bool(synthetic)),
         "class_names": np.array([str(c) for c in class_names], dtype=str),
     }
-
-    def writer(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            write_npz(fh, arrays)
-
-    write_with(path, writer)
+    write_npz(path, arrays)
 
 
 def load_verify_set(path: str | Path) -> VerifyBatch:

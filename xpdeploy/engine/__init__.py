@@ -2,7 +2,10 @@
 
 Modules, from pure to TensorRT-facing:
 
-* :mod:`.versions` - which TensorRT is installed and which build path it takes (weak or strong).
+(Which TensorRT is installed and its build path, weak or strong:
+:mod:`xpdeploy.backends.trt_versions`; the CUDA memory layer the builder and the runner share:
+:mod:`xpdeploy.backends.cuda_memory`.)
+
 * :mod:`.settings` - what one engine build asks TensorRT for, derived from the pipeline config.
 * :mod:`.cache` - engines stored under the full key they were built for, never reused across it.
 * :mod:`.calibrator` - int8 calibration batches and the implicit-quantisation calibrator.

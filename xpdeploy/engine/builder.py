@@ -28,8 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from xpdeploy.backends.trt_versions import import_tensorrt
 from xpdeploy.engine.settings import BuildSettings
-from xpdeploy.engine.versions import import_tensorrt
 from xpdeploy.errors import BuildError
 from xpdeploy.fileio import write_bytes_atomic, write_text_atomic
 

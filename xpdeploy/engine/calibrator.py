@@ -19,8 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from xpdeploy.backends.trt_versions import import_tensorrt
 from xpdeploy.engine.settings import CalibratorKind
-from xpdeploy.engine.versions import import_tensorrt
 from xpdeploy.errors import BuildError
 from xpdeploy.fileio import write_bytes_atomic
 

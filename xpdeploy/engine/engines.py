@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from xpdeploy.artifacts import EngineSet, OnnxModels, TorchModel, TrtEngine
+from xpdeploy.backends.trt_versions import TrtVersion, build_path, import_tensorrt, l4t_release
 from xpdeploy.engine import host_precision
 from xpdeploy.engine.builder import build_engine
 from xpdeploy.engine.cache import EngineCache, EngineKey
 from xpdeploy.engine.calibrator import CalibrationBatches, make_calibrator
 from xpdeploy.engine.settings import BuildSettings, BuiltPrecision, build_precisions, plan_builds
-from xpdeploy.engine.versions import TrtVersion, build_path, import_tensorrt, l4t_release
 from xpdeploy.errors import BuildError
 from xpdeploy.export.tensorrt_ops import op_types, parser_concerns
 from xpdeploy.fileio import sha256_file, write_bytes_atomic, write_text_atomic
@@ -118,7 +118,7 @@ def build_engines(
 
     ``root``: the folder ONNX paths are relative to; ``out_dir`` (inside ``root``) receives
     ``engines/``, ``logs/``, ``graphs/`` and ``calibration/``. ``backend``: an open
-    :class:`~xpdeploy.engine.cuda_memory.CudaBackend` (device identity, calibration buffers).
+    :class:`~xpdeploy.backends.cuda_memory.CudaBackend` (device identity, calibration buffers).
     Raises one-line :class:`BuildError` messages.
     """
     trt = trt_module if trt_module is not None else import_tensorrt("build_engine")

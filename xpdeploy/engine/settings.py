@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from xpdeploy.engine.versions import (
+from xpdeploy.backends.trt_versions import (
     BuildPath,
     Precision,
     TrtVersion,
@@ -153,7 +153,7 @@ def plan_builds(
     ``input_chw`` is the model input without the batch axis, e.g. (3, 224, 224). ``profiles`` are
     batch ranges (min, opt, max) replacing ``config.batch_sizes`` (see the module docstring).
     ``layernorm_fp32`` overrides the version rule of
-    :func:`~xpdeploy.engine.versions.needs_layernorm_fp32` (None: follow the rule).
+    :func:`~xpdeploy.backends.trt_versions.needs_layernorm_fp32` (None: follow the rule).
     """
     path = build_path(version)
     if precision is None:

@@ -4,7 +4,7 @@ Why the TorchScript exporter (``dynamo=False``): it needs no extra package (the 
 needs onnxscript), and with timm's fused attention switched off it writes attention as plain
 MatMul/Softmax/MatMul, which every TensorRT parser (JetPack 5 and 6 included) reads and fuses.
 The original and every pruned model go through this same path, so latency ratios between them
-measure pruning, not a difference of export paths (design.md section 6).
+measure pruning, not a difference of export paths (docs/architecture.md section 6).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Architecture description (``arch.json``) and rebuilding a model from it plus safetensors.
 
-A model travels as arch.json + model.safetensors, never as a pickled module (design.md section 2):
-the rebuild creates the timm model from its name and kwargs and loads the weights strictly.
+A model travels as arch.json + model.safetensors, never as a pickled module (docs/architecture.md
+section 2): the rebuild creates the timm model from its name and kwargs and loads the weights
+strictly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from xpdeploy.artifacts import ArchSpec, BlockShape
 from xpdeploy.errors import ModelError
 from xpdeploy.fileio import write_text_atomic, write_with
-from xpdeploy.models.units import head_dim_of, transformer_blocks
+from xpdeploy.models.unit_sites import head_dim_of, transformer_blocks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -63,7 +64,7 @@ def rebuild_model(arch: ArchSpec, weights: Path) -> nn.Module:
 
     model = timm.create_model(arch.timm_name, pretrained=False, **arch.kwargs)
     if arch.blocks and describe_arch(model, arch.timm_name, arch.kwargs).blocks != arch.blocks:
-        from xpdeploy.prune.surgery import apply_block_shapes  # a pruned model: uneven blocks
+        from xpdeploy.models.block_shapes import apply_block_shapes  # a pruned model: uneven blocks
 
         apply_block_shapes(model, arch.blocks)
     try:

@@ -7,7 +7,7 @@ of the model through :func:`forward_from_block`. On a 6-block ViT that skips abo
 sensitivity sweep's work (blocks at the front are skipped most often).
 
 The rest of the forward follows timm's own ``forward_features`` / ``forward_head`` of the two
-families ``models/units.py`` supports: a ViT runs ``blocks[b:]``, ``norm``, ``forward_head``; a
+families ``models/unit_sites.py`` supports: a ViT runs ``blocks[b:]``, ``norm``, ``forward_head``; a
 Swin runs the remaining blocks of block b's stage, the later stages whole (patch merging, then
 blocks), ``norm``, ``forward_head``. A test checks both against ``model(x)``.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from xpdeploy.models.units import transformer_blocks
+from xpdeploy.models.unit_sites import transformer_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ def block_inputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[
 
 def forward_from_block(model: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` given ``x`` as the input of transformer block ``index`` (global index,
-    every Swin stage in order, as :func:`~xpdeploy.models.units.transformer_blocks`)."""
+    every Swin stage in order, as :func:`~xpdeploy.models.unit_sites.transformer_blocks`)."""
     blocks = transformer_blocks(model)
     if not 0 <= index < len(blocks):
         raise IndexError(f"block {index} of a model with {len(blocks)} transformer blocks")

@@ -25,7 +25,7 @@ import numpy as np
 from xpdeploy.errors import PruneError
 
 if TYPE_CHECKING:
-    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.mac_model import MacModel
     from xpdeploy.prune.planner import PlanConstraints
     from xpdeploy.prune.sensitivity import SensitivityCurves
 

@@ -1,7 +1,7 @@
 """Baseline importance criteria: every one returns :class:`UnitScores` (higher = more important).
 
 They plug into the same planner as the x-pruner masks, so every comparison in the benchmark is at
-equal MACs through the same surgery (method.md, "Other criteria"). One array per block: heads
+equal MACs through the same surgery (docs/method.md, "Other criteria"). One array per block: heads
 ``(H_b,)`` and MLP neurons ``(M_b,)``, float64 (the planner normalises them per unit type).
 """
 
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from xpdeploy.errors import PruneError
-from xpdeploy.models.units import UnitSite, gated_units, unit_sites
+from xpdeploy.models.unit_sites import UnitSite, gated_units, unit_sites
 from xpdeploy.progress import progress
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.unit_scores import UnitScores
 
 if TYPE_CHECKING:
     import torch

@@ -1,6 +1,6 @@
-"""From unit scores to kept units at an exact MAC budget (method.md, "Stage 2"); pure numpy.
+"""From unit scores to kept units at an exact MAC budget (docs/method.md, "Stage 2"); pure numpy.
 
-``plan_global`` is method.md's ``ranking: global`` (v1): one queue of every unit, heads and
+``plan_global`` is docs/method.md's ``ranking: global`` (v1): one queue of every unit, heads and
 neurons together, ordered by normalised score, lowest removed first. It is deliberately **not**
 ordered by score per MAC saved: a head frees ~150x the MACs of a neuron, so that order strips every
 block to its minimum head count first whatever the criterion says (about 25 points of one-shot
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xpdeploy.errors import PruneError
-from xpdeploy.prune.units import KeepSets, Normalize, UnitScores, best_first
+from xpdeploy.prune.unit_scores import KeepSets, Normalize, UnitScores, best_first
 
 if TYPE_CHECKING:
-    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.mac_model import MacModel
     from xpdeploy.spec import PruneConfig
 
 # Tie-break order between unit types at equal score: a neuron goes first because it is the finer

@@ -35,17 +35,17 @@ import numpy as np
 from xpdeploy import distributed
 from xpdeploy.errors import PruneError
 from xpdeploy.models.block_io import block_inputs, forward_from_block
-from xpdeploy.models.units import gated_units
+from xpdeploy.models.unit_sites import gated_units
 from xpdeploy.progress import progress
 from xpdeploy.prune.allocation import Budgets, kept_counts, solve_budgets
 from xpdeploy.prune.planner import repair_to_budget
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.mac_model import MacModel
     from xpdeploy.prune.planner import PlanConstraints
 
 #: The two unit types, in the order every per-block pair in this package uses.

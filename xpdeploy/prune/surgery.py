@@ -1,4 +1,4 @@
-"""Physical pruning of a timm ViT or Swin (method.md, "Stage 3: surgery"), and rebuilding its shape.
+"""Physical pruning of a timm ViT or Swin (docs/method.md, "Stage 3: surgery and fine-tuning").
 
 A pruned block is an ordinary timm block whose ``attn`` is a ``timm.layers.Attention`` (ViT) or a
 Swin ``WindowAttention`` with fewer heads of the **original** head_dim (the softmax scale
@@ -6,8 +6,8 @@ Swin ``WindowAttention`` with fewer heads of the **original** head_dim (the soft
 ``mlp.fc1`` / ``mlp.fc2`` are narrower ``nn.Linear``. A Swin head also owns its column of the
 relative position bias table ((2W-1)^2, heads); the index buffer does not depend on the heads.
 Submodules are replaced, ``forward`` never is, so a pruned model is rebuilt from ``arch.json``
-(:func:`apply_block_shapes` on a fresh model) and loaded strictly, and it exports to ONNX through
-the same path as the original.
+(:func:`xpdeploy.models.block_shapes.apply_block_shapes` on a fresh model) and loaded strictly,
+and it exports to ONNX through the same path as the original.
 
 Invariant (tested): with hard 0/1 gates (:func:`hard_gates` + ``gated_units``) the gated model and
 the pruned one give the same logits.
@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from xpdeploy.errors import PruneError
-from xpdeploy.models.units import GateFn, UnitSite, head_dim_of, unit_sites
-from xpdeploy.prune.units import KeepSets
+from xpdeploy.models.block_shapes import attention_like, check_attention, check_mlp, new_linear
+from xpdeploy.models.unit_sites import GateFn, UnitSite, head_dim_of, unit_sites
+from xpdeploy.prune.unit_scores import KeepSets
 
 if TYPE_CHECKING:
     from xpdeploy.artifacts import ArchSpec, BlockShape
-    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.mac_model import MacModel
 
     #: where the unpruned unit counts per block come from (see :func:`hard_gates`)
     UnitCounts = (
@@ -49,42 +50,13 @@ def prune_model(model: nn.Module, keep: KeepSets) -> nn.Module:
         heads = np.asarray(heads, dtype=np.int64)
         neurons = np.asarray(neurons, dtype=np.int64)
         if not np.array_equal(heads, np.arange(site.heads)):
-            _check_attention(site)
+            check_attention(site)
             site.block.attn = _pruned_attention(site.attn, heads)
         if not np.array_equal(neurons, np.arange(site.mlp_hidden)):
-            _check_mlp(site)
+            check_mlp(site)
             mlp = site.mlp
             mlp.fc1 = _linear_rows(mlp.fc1, torch.as_tensor(neurons, device=mlp.fc1.weight.device))
             mlp.fc2 = _linear_cols(mlp.fc2, torch.as_tensor(neurons, device=mlp.fc2.weight.device))
-    return model
-
-
-def apply_block_shapes(model: nn.Module, blocks: Sequence[BlockShape]) -> nn.Module:
-    """Give a freshly created model the per-block head counts and MLP widths of ``blocks``.
-
-    The new modules are freshly initialised (their weights come from ``load_state_dict`` next);
-    blocks already at the given shape are left as they are. head_dim must be the model's own
-    (whole heads are pruned, never head channels). In place; returns ``model``.
-    """
-    sites = unit_sites(model)
-    if len(blocks) != len(sites):
-        raise PruneError(f"arch lists {len(blocks)} blocks but the model has {len(sites)}; "
-                         "rebuild with the timm name and kwargs recorded in arch.json")
-    for site, shape in zip(sites, blocks, strict=True):
-        if shape.head_dim != site.head_dim:
-            raise PruneError(f"block {site.index}: arch head_dim {shape.head_dim} != model "
-                             f"head_dim {site.head_dim}; only whole heads are pruned")
-        if shape.heads < 1 or shape.mlp_hidden < 1:
-            raise PruneError(f"block {site.index}: {shape.heads} heads / {shape.mlp_hidden} MLP "
-                             "neurons; every block keeps at least one of each")
-        if shape.heads != site.heads:
-            _check_attention(site)
-            site.block.attn = _attention_like(site.attn, shape.heads)
-        if shape.mlp_hidden != site.mlp_hidden:
-            _check_mlp(site)
-            fc1, fc2 = site.mlp.fc1, site.mlp.fc2
-            site.mlp.fc1 = _new_linear(fc1, fc1.in_features, shape.mlp_hidden)
-            site.mlp.fc2 = _new_linear(fc2, shape.mlp_hidden, fc2.out_features)
     return model
 
 
@@ -116,64 +88,6 @@ def hard_gates(
 # ---------------------------------------------------------------------------------------------
 
 
-def _timm_attention() -> type[nn.Module]:
-    from timm.layers import Attention
-
-    return Attention
-
-
-def _timm_window_attention() -> type[nn.Module]:
-    from timm.models.swin_transformer import WindowAttention
-
-    return WindowAttention
-
-
-def _check_attention(site: UnitSite) -> None:
-    attn = site.attn
-    if type(attn) is _timm_window_attention():
-        return  # Swin v1: per-head state is qkv rows, proj columns and the bias table column
-    if type(attn) is not _timm_attention():
-        raise PruneError(f"block {site.index}: attention is {type(attn).__name__}, not timm's "
-                         "Attention or Swin WindowAttention; head pruning supports timm's "
-                         "VisionTransformer and SwinTransformer (v1) families")
-    if not isinstance(attn.norm, nn.Identity):
-        raise PruneError(f"block {site.index}: attention has an output norm (scale_attn_norm) "
-                         "over all heads; pruning heads would change it (unsupported)")
-
-
-def _check_mlp(site: UnitSite) -> None:
-    mlp = site.mlp
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-        raise PruneError(f"block {site.index}: the MLP has a norm over its hidden neurons "
-                         "(scale_mlp_norm); pruning neurons would change it (unsupported)")
-    if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
-        raise PruneError(f"block {site.index}: MLP fc1/fc2 are {type(mlp.fc1).__name__}/"
-                         f"{type(mlp.fc2).__name__}, not nn.Linear (unsupported)")
-
-
-def _attention_like(old: nn.Module, num_heads: int) -> nn.Module:
-    """A fresh timm Attention or Swin WindowAttention like ``old`` (same width, head_dim, window,
-    biases, dropout, device/dtype, fused_attn, train mode) with ``num_heads`` heads. qk-norm modules
-    act per head over head_dim, so they are shared with ``old`` as they are (their parameters do not
-    depend on the heads)."""
-    w = old.qkv.weight
-    common = dict(num_heads=num_heads, qkv_bias=old.qkv.bias is not None,
-                  attn_drop=float(old.attn_drop.p), proj_drop=float(old.proj_drop.p),
-                  device=w.device, dtype=w.dtype)
-    if type(old) is _timm_window_attention():
-        new = _timm_window_attention()(int(old.qkv.in_features), head_dim=head_dim_of(old),
-                                       window_size=old.window_size, **common)
-    else:
-        new = _timm_attention()(int(old.qkv.in_features), attn_head_dim=int(old.head_dim),
-                                dim_out=int(old.proj.out_features),
-                                proj_bias=old.proj.bias is not None, gated=old.gate is not None,
-                                **common)
-        new.q_norm, new.k_norm = old.q_norm, old.k_norm
-    new.fused_attn = old.fused_attn
-    new.train(old.training)
-    return new
-
-
 def _pruned_attention(old: nn.Module, heads: np.ndarray) -> nn.Module:
     """``old`` with only ``heads``: their q, k, v rows of the fused qkv, proj columns, gate rows
     (ViT) or relative position bias columns (Swin)."""
@@ -183,7 +97,7 @@ def _pruned_attention(old: nn.Module, heads: np.ndarray) -> nn.Module:
     cols = torch.as_tensor((heads[:, None] * hd + np.arange(hd)[None, :]).reshape(-1),
                            device=device)
     qkv_rows = torch.cat([cols + part * attn_dim for part in range(3)])
-    new = _attention_like(old, len(heads))
+    new = attention_like(old, len(heads))
     with torch.no_grad():
         _copy_linear(new.qkv, old.qkv, rows=qkv_rows)
         _copy_linear(new.proj, old.proj, cols=cols)
@@ -196,23 +110,15 @@ def _pruned_attention(old: nn.Module, heads: np.ndarray) -> nn.Module:
     return new
 
 
-def _new_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    w = old.weight
-    new = nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device,
-                    dtype=w.dtype)
-    new.train(old.training)
-    return new
-
-
 def _linear_rows(old: nn.Linear, rows: torch.Tensor) -> nn.Linear:
-    new = _new_linear(old, old.in_features, len(rows))
+    new = new_linear(old, old.in_features, len(rows))
     with torch.no_grad():
         _copy_linear(new, old, rows=rows)
     return new
 
 
 def _linear_cols(old: nn.Linear, cols: torch.Tensor) -> nn.Linear:
-    new = _new_linear(old, len(cols), old.out_features)
+    new = new_linear(old, len(cols), old.out_features)
     with torch.no_grad():
         _copy_linear(new, old, cols=cols)
     return new

@@ -1,7 +1,8 @@
 """``ranking: threshold`` (v2): learned per-(block, unit type) thresholds under a MAC budget.
 
-method.md, "Stage 2". Each block b has one threshold per unit type, ``theta_h[b]`` for heads and
-``theta_n[b]`` for MLP neurons. A unit with normalised score ``s_i`` is multiplied by the soft gate
+docs/method.md, "Stage 2". Each block b has one threshold per unit type, ``theta_h[b]`` for heads
+and ``theta_n[b]`` for MLP neurons. A unit with normalised score ``s_i`` is multiplied by the soft
+gate
 
     g_i = (1 + tanh(n * (s_i - theta))) / 2
 
@@ -77,14 +78,14 @@ from torch import nn
 
 from xpdeploy import distributed
 from xpdeploy.errors import PruneError
-from xpdeploy.models.units import gated_units, unit_sites
+from xpdeploy.models.unit_sites import gated_units, unit_sites
 from xpdeploy.progress import progress
 from xpdeploy.prune.planner import PlanConstraints, repair_to_budget, smallest_macs
-from xpdeploy.prune.units import KeepSets, UnitScores
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 from xpdeploy.training.precision import autocast, autocast_dtype
 
 if TYPE_CHECKING:
-    from xpdeploy.prune.macs import MacModel
+    from xpdeploy.prune.mac_model import MacModel
     from xpdeploy.spec import ThresholdConfig
 
 #: Scalar keys of every :attr:`ThresholdResult.history` entry.

@@ -3,8 +3,8 @@
 For every (candidate, batch) measured in both reports it compares the p50 latency (ms), and for
 every candidate with a top-1 in both it compares the accuracy (percentage points). Rows present in
 only one report are listed, never silently dropped. Latency is only comparable on the same device,
-so reports whose device fingerprints (:func:`xpdeploy.report.environment.device_fingerprint`)
-differ are refused.
+so reports whose device fingerprints (:func:`xpdeploy.environment.device_fingerprint`)
+differ are refused. The command itself is :mod:`xpdeploy.cli.compare`.
 
 Exit codes: 0 within bounds, 3 a regression beyond a bound (:class:`RegressionError`, a
 :class:`~xpdeploy.errors.ParityError`), 1 unreadable or invalid reports, or different devices.
@@ -19,16 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
-from xpdeploy.cli_guard import guarded
-from xpdeploy.errors import ParityError, XpdeployError
-from xpdeploy.report.environment import (
+from xpdeploy.environment import (
     FINGERPRINT_KEYS,
     device_fingerprint,
     fingerprint_id,
     is_legacy,
 )
+from xpdeploy.errors import ParityError, XpdeployError
 
 DEFAULT_MAX_REGRESSION = "5%"
 DEFAULT_MAX_TOP1_DROP = 0.5  # percentage points
@@ -300,55 +297,16 @@ def _count(n: int) -> str:
     return f"{n} regression{'' if n == 1 else 's'}"
 
 
+def regression_message(c: Comparison) -> str:
+    """Why a failed comparison failed: the count, the bounds, and every regressed row."""
+    bad = c.regressions
+    return (f"{_count(len(bad))} beyond the bounds "
+            f"({_bounds(c)}): {'; '.join(_describe(r) for r in bad)}")
+
+
 def _describe(row: LatencyRow | AccuracyRow) -> str:
     if isinstance(row, LatencyRow):
         return (f"'{row.candidate}' batch {row.batch} p50 {_ms(row.base_p50)} -> "
                 f"{_ms(row.new_p50)} ms ({_pct(row.change)})")
     return (f"'{row.candidate}' top-1 {_pts(row.base_top1)} -> {_pts(row.new_top1)} % "
             f"(-{_pts(row.drop)} pts)")
-
-
-# -- command ------------------------------------------------------------------------------------
-
-
-def _run_compare(base_path: Path, new_path: Path, max_regression: str, max_top1_drop: float,
-                 markdown: Path | None) -> None:
-    try:
-        bound = parse_fraction(max_regression)
-    except ValueError as e:
-        raise ComparisonError(f"--max-regression {e}") from None
-    if not math.isfinite(max_top1_drop) or max_top1_drop < 0:
-        raise ComparisonError(f"--max-top1-drop {max_top1_drop} must be >= 0 (percentage points)")
-    base, new = load_report(base_path, "BASE"), load_report(new_path, "NEW")
-    result = compare_reports(base, new, max_regression=bound, max_top1_drop=max_top1_drop)
-    click.echo(comparison_text(result))
-    if markdown is not None:
-        from xpdeploy.fileio import write_text_atomic
-
-        write_text_atomic(markdown, comparison_markdown(result, str(base_path), str(new_path)))
-    if not result.passed:
-        bad = result.regressions
-        raise RegressionError(
-            f"{_count(len(bad))} beyond the bounds "
-            f"({_bounds(result)}): {'; '.join(_describe(r) for r in bad)}"
-        )
-    click.echo(f"PASSED | compare | {len(result.latency)} latency and {len(result.accuracy)} "
-               f"top-1 rows within bounds")
-
-
-@click.command()
-@click.argument("base", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("new", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--max-regression", default=DEFAULT_MAX_REGRESSION, show_default=True,
-              metavar="BOUND", help="Allowed p50 slow-down per candidate and batch: 5% or 0.05.")
-@click.option("--max-top1-drop", default=DEFAULT_MAX_TOP1_DROP, show_default=True, type=float,
-              metavar="PTS", help="Allowed top-1 drop per candidate, in percentage points.")
-@click.option("--markdown", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write the comparison as a Markdown page to this file.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare(base: Path, new: Path, max_regression: str, max_top1_drop: float,
-            markdown: Path | None, debug: bool) -> None:
-    """Compare NEW's report.json against BASE's: exit 3 when a p50 latency or a top-1 regressed
-    beyond its bound, 1 when the reports are invalid or come from different devices."""
-
-    guarded(debug, lambda: _run_compare(base, new, max_regression, max_top1_drop, markdown))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from xpdeploy.environment import is_legacy
 from xpdeploy.fileio import write_text_atomic
-from xpdeploy.report.environment import is_legacy
 
 NA = "n/a"
 NA_SYNTHETIC = "n/a (synthetic)"

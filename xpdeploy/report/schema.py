@@ -1,4 +1,4 @@
-"""``report.json``: the versioned, machine-readable outcome of a run (design.md section 2).
+"""``report.json``: a run's versioned, machine-readable outcome (docs/architecture.md section 2).
 
 The report is plain JSON built from the :class:`~xpdeploy.artifacts.ParityReport` so that CI, the
 Markdown page and the plots all read the same numbers. Bump :data:`REPORT_SCHEMA_VERSION` when a
@@ -114,7 +114,7 @@ def _with_verify_temperatures(environment: Mapping[str, Any], parity: ParityRepo
     """The environment plus the temperatures read during verify and their throttling warnings."""
     env = dict(environment)
     if parity.temperatures_c:
-        from xpdeploy.report.thermal import thermal_warnings
+        from xpdeploy.verify.thermal import thermal_warnings
 
         env["temperatures_during_verify_c"] = parity.temperatures_c
         env["warnings"] = [*(env.get("warnings") or []),

@@ -14,20 +14,26 @@ TensorRT an error.
 from __future__ import annotations
 
 from xpdeploy.artifacts import Artifact, EngineSet, OnnxModels, TorchModel
-from xpdeploy.engine.versions import TRT_INSTALL_HINT, detect
+from xpdeploy.backends.trt_versions import TRT_INSTALL_HINT, detect
 from xpdeploy.errors import MissingDependencyError
 from xpdeploy.progress import log
+from xpdeploy.spec import BuildEngineConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import StageSettings
+
+
+class Settings(StageSettings):
+    build_engine: BuildEngineConfig | None
 
 
 def run(
-    ctx: StageContext,
+    ctx: StageContext[Settings],
     onnx: OnnxModels,
     model: TorchModel,
     simplified: OnnxModels | None = None,
     pruned: TorchModel | None = None,
 ) -> dict[str, Artifact]:
-    cfg = ctx.spec.build_engine
+    cfg = ctx.settings.build_engine
     assert cfg is not None  # PipelineSpec.check_runnable
     version = detect()
     if version is None:
@@ -42,17 +48,16 @@ def run(
             "device; the run ends with a device bundle")
         return {"engines": EngineSet(deferred=True, reason=reason, precision=cfg.precision)}
 
-    from xpdeploy.engine.cuda_memory import load_backend
+    from xpdeploy.backends.cuda_memory import load_backend
     from xpdeploy.engine.engines import CalibrationSamples, build_engines, engine_sources
 
     models = {m.label: m for m in (model, pruned) if m is not None}
     sources = engine_sources(simplified or onnx, models)
     calibration = None
     if cfg.calibration is not None:
-        from xpdeploy.data.calibration import load_configured
+        from xpdeploy.data.calibration import load_for_engine
 
-        pixels, manifest = load_configured(cfg.calibration, model.data_config)
-        calibration = CalibrationSamples(pixels, manifest.digest())
+        calibration = CalibrationSamples(*load_for_engine(cfg.calibration, model.data_config))
     with load_backend() as backend:
         engines = build_engines(sources, cfg, ctx.run_dir, ctx.stage_dir, backend=backend,
                                 calibration=calibration)

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
-from xpdeploy.spec import PipelineSpec
+from xpdeploy.stages.fingerprint import StageSettings
+
+S = TypeVar("S", bound=StageSettings)
 
 
 @dataclass(frozen=True)
-class StageContext:
-    """The stage's name, folders, the whole spec, and the fingerprint of its config + inputs.
+class StageContext(Generic[S]):
+    """The stage's name, folders, its settings, and the fingerprint of its settings + inputs.
 
-    ``fingerprint`` lets resumable stages (train) tell whether a checkpoint in their folder belongs
-    to this exact config and input.
+    ``settings`` is all of the pipeline a stage may read (its module's ``Settings``), which is
+    what the fingerprint covers. ``fingerprint`` lets resumable stages (train) tell whether a
+    checkpoint in their folder belongs to this exact config and input.
     """
 
     stage: str
     run_dir: Path
     stage_dir: Path
-    spec: PipelineSpec
+    settings: S
     fingerprint: str
 
     def rel(self, path: Path) -> str:

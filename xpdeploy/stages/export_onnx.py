@@ -11,10 +11,16 @@ from xpdeploy.export.parity import PARITY_SAMPLES, check_output_parity
 from xpdeploy.export.tensorrt_ops import tensorrt_notes
 from xpdeploy.models.arch import rebuild_model
 from xpdeploy.progress import log
+from xpdeploy.spec import ExportOnnxConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import StageSettings
 
 
-def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet,
+class Settings(StageSettings):
+    export_onnx: ExportOnnxConfig
+
+
+def run(ctx: StageContext[Settings], model: TorchModel, verify_set: VerifySet,
         pruned: TorchModel | None = None) -> dict[str, Artifact]:
     """Export the original and (when present) the pruned model through the same path."""
     pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
@@ -22,8 +28,8 @@ def run(ctx: StageContext, model: TorchModel, verify_set: VerifySet,
     return {"onnx": OnnxModels(models=out)}
 
 
-def _export(ctx: StageContext, model: TorchModel, pixels) -> OnnxModel:
-    cfg = ctx.spec.export_onnx
+def _export(ctx: StageContext[Settings], model: TorchModel, pixels) -> OnnxModel:
+    cfg = ctx.settings.export_onnx
     path = ctx.stage_dir / f"{model.label}.onnx"
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     export_onnx(net, path, input_size=model.data_config.input_size, opset=cfg.opset,

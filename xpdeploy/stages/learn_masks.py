@@ -13,13 +13,19 @@ from xpdeploy.artifacts import Artifact, MaskSet, TorchModel
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model
+from xpdeploy.spec import LearnMasksConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import DataSettings
 from xpdeploy.xpruner.learn import learn_masks, save_masks
 from xpdeploy.xpruner.plots import plot_class_unit_heatmaps, plot_curve, plot_scores
 
 
-def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
-    spec, cfg = ctx.spec, ctx.spec.learn_masks
+class Settings(DataSettings):
+    learn_masks: LearnMasksConfig
+
+
+def run(ctx: StageContext[Settings], model: TorchModel) -> dict[str, Artifact]:
+    spec, cfg = ctx.settings, ctx.settings.learn_masks
     # This rank's GPU when there is one (DDP over NCCL needs the model there), as in training.
     net = rebuild_model(model.arch, ctx.path(model.weights_file)).to(distributed.device())
     train_set = open_split(spec.data, model.data_config, "train",

@@ -8,18 +8,25 @@ from xpdeploy.artifacts import Artifact, TorchModel, VerifySet
 from xpdeploy.data.sources import open_split
 from xpdeploy.data.verify_set import save_verify_set, select_indices
 from xpdeploy.models.arch import describe_arch, save_model
+from xpdeploy.models.complexity import count_gmacs, count_params_m
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
-from xpdeploy.models.macs import count_gmacs, count_params_m
 from xpdeploy.progress import log
+from xpdeploy.spec import LoadConfig, ModelConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import DataSettings
 from xpdeploy.training.evaluate import evaluate_top1
 
 
-def run(ctx: StageContext) -> dict[str, Artifact]:
+class Settings(DataSettings):
+    model: ModelConfig
+    load: LoadConfig
+
+
+def run(ctx: StageContext[Settings]) -> dict[str, Artifact]:
     import torch
 
-    spec = ctx.spec
+    spec = ctx.settings
     torch.manual_seed(spec.seed)  # random init (models trained from scratch) is reproducible
     model = create_model(spec.model)
     data_config = resolve_data_config(model, spec.data.preprocess)

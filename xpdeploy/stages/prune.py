@@ -20,15 +20,16 @@ from xpdeploy.data.sources import open_split
 from xpdeploy.errors import ConfigError, PruneError
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
-from xpdeploy.models.macs import count_gmacs, count_params_m
+from xpdeploy.models.complexity import count_gmacs, count_params_m
 from xpdeploy.progress import log
-from xpdeploy.prune.macs import MacModel
+from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, check_target, plan_global, plan_summary
 from xpdeploy.prune.plots import plot_allocation
 from xpdeploy.prune.surgery import prune_model
-from xpdeploy.prune.units import KeepSets, UnitScores
-from xpdeploy.spec import MASK_CRITERIA
+from xpdeploy.prune.unit_scores import KeepSets, UnitScores
+from xpdeploy.spec import MASK_CRITERIA, PruneConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import DataSettings
 from xpdeploy.training.batches import shuffled_batches
 from xpdeploy.training.evaluate import evaluate_top1
 
@@ -36,11 +37,18 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, macs: MacModel
+class Settings(DataSettings):
+    prune: PruneConfig | None
+
+
+Ctx = StageContext[Settings]
+
+
+def _scores(ctx: Ctx, net, model: TorchModel, masks: MaskSet | None, macs: MacModel
             ) -> UnitScores:
     from xpdeploy.prune import criteria
 
-    spec, cfg = ctx.spec, ctx.spec.prune
+    spec, cfg = ctx.settings, ctx.settings.prune
     assert cfg is not None
     if cfg.criterion in MASK_CRITERIA:
         if masks is None:
@@ -70,7 +78,7 @@ def _scores(ctx: StageContext, net, model: TorchModel, masks: MaskSet | None, ma
         else taylor
 
 
-def _shared_scores(ctx: StageContext, net: nn.Module, model: TorchModel, masks: MaskSet | None,
+def _shared_scores(ctx: Ctx, net: nn.Module, model: TorchModel, masks: MaskSet | None,
                    macs: MacModel) -> UnitScores:
     """The criterion's scores on every rank: rank 0 scores alone (taylor reads data) and shares
     them, so every rank plans with the very same scores."""
@@ -78,7 +86,7 @@ def _shared_scores(ctx: StageContext, net: nn.Module, model: TorchModel, masks: 
         _scores(ctx, net, model, masks, macs) if distributed.is_main() else None)
 
 
-def _sensitivity_plan(ctx: StageContext, net: nn.Module, model: TorchModel,
+def _sensitivity_plan(ctx: Ctx, net: nn.Module, model: TorchModel,
                       masks: MaskSet | None, macs: MacModel, target: float,
                       constraints: PlanConstraints) -> tuple[KeepSets, dict[str, Any]]:
     """Keep sets of the sensitivity allocator and what plan.json records of it (collective).
@@ -91,7 +99,7 @@ def _sensitivity_plan(ctx: StageContext, net: nn.Module, model: TorchModel,
     from xpdeploy.prune.sensitivity import sensitivity_plan
     from xpdeploy.training.batches import fixed_images
 
-    spec, cfg = ctx.spec, ctx.spec.prune
+    spec, cfg = ctx.settings, ctx.settings.prune
     assert cfg is not None
     scores = _shared_scores(ctx, net, model, masks, macs)
     sens = cfg.sensitivity
@@ -108,7 +116,7 @@ def _sensitivity_plan(ctx: StageContext, net: nn.Module, model: TorchModel,
     return result.keep, {"sensitivity": {**result.to_json(), "seconds": time.monotonic() - t0}}
 
 
-def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks: MaskSet | None,
+def _threshold_plan(ctx: Ctx, net: nn.Module, model: TorchModel, masks: MaskSet | None,
                     macs: MacModel, target: float, constraints: PlanConstraints
                     ) -> tuple[KeepSets, dict[str, Any]]:
     """Keep sets of the threshold search and what plan.json records of it (collective).
@@ -118,7 +126,7 @@ def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks:
     """
     from xpdeploy.prune.threshold import threshold_search
 
-    spec, cfg = ctx.spec, ctx.spec.prune
+    spec, cfg = ctx.settings, ctx.settings.prune
     assert cfg is not None
     scores = _shared_scores(ctx, net, model, masks, macs)
     train = open_split(spec.data, model.data_config, "train",
@@ -134,9 +142,9 @@ def _threshold_plan(ctx: StageContext, net: nn.Module, model: TorchModel, masks:
                          "alpha": result.alpha, "backbone_adapted": result.backbone_adapted}
 
 
-def run(ctx: StageContext, model: TorchModel, masks: MaskSet | None = None
+def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None
         ) -> dict[str, Artifact]:
-    spec, cfg = ctx.spec, ctx.spec.prune
+    spec, cfg = ctx.settings, ctx.settings.prune
     assert cfg is not None  # PipelineSpec.check_runnable
     collective = cfg.plan_file is None and cfg.ranking in ("threshold", "sensitivity")
     if not collective and not distributed.is_main():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from xpdeploy import environment
 from xpdeploy.artifacts import (
     Artifact,
+    BundleOrigin,
     EngineSet,
     MaskSet,
     ParityReport,
@@ -11,11 +13,18 @@ from xpdeploy.artifacts import (
     RunReport,
     TorchModel,
 )
-from xpdeploy.report import environment
+from xpdeploy.progress import log
 from xpdeploy.report.markdown import write_markdown
 from xpdeploy.report.plots import plot_latency
 from xpdeploy.report.schema import build_report, write_report_json
+from xpdeploy.spec import ReportConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import StageSettings
+
+
+class Settings(StageSettings):
+    name: str
+    report: ReportConfig
 
 
 def _pruning(plan: PrunePlan, masks: MaskSet | None, pruned: TorchModel | None
@@ -33,23 +42,29 @@ def _pruning(plan: PrunePlan, masks: MaskSet | None, pruned: TorchModel | None
     }
 
 
-def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None,
+def run(ctx: StageContext[Settings], model: TorchModel, parity: ParityReport | None = None,
         plan: PrunePlan | None = None, masks: MaskSet | None = None,
-        pruned: TorchModel | None = None, engines: EngineSet | None = None
-        ) -> dict[str, Artifact]:
+        pruned: TorchModel | None = None, engines: EngineSet | None = None,
+        origin: BundleOrigin | None = None) -> dict[str, Artifact]:
+    """``origin``: set on a device run (the bundle it continues), which the title says."""
     assert parity is not None  # PipelineSpec.check_runnable: 'report' needs 'verify'
-    spec = ctx.spec
+    spec = ctx.settings
     status = "passed" if parity.passed else "failed"
+    title = spec.report.title
+    extra: dict[str, object] = {"epochs_trained": model.epochs_trained,
+                                "top1_samples": model.top1_samples, "val_top1": model.top1}
+    if origin is not None:
+        title = (title or f"xpdeploy report: {spec.name}") + " (device)"
+        extra["bundle"] = {"source_run": origin.source_run, "created": origin.created}
     report = build_report(
         parity,
         pipeline=spec.name,
         run_dir=str(ctx.run_dir),
         status=status,
-        title=spec.report.title,
+        title=title,
         environment=environment.capture(),  # tools, device, fingerprint
         engines=engines,
-        original_extra={"epochs_trained": model.epochs_trained, "top1_samples": model.top1_samples,
-                        "val_top1": model.top1},
+        original_extra=extra,
     )
     if plan is not None:
         report["pruning"] = _pruning(plan, masks, pruned)
@@ -59,8 +74,11 @@ def run(ctx: StageContext, model: TorchModel, parity: ParityReport | None = None
     plots = []
     if spec.report.plots and parity.candidates:
         plot_path = ctx.run_dir / "latency.png"
-        plot_latency(report, plot_path)
-        plots.append(ctx.rel(plot_path))
+        try:
+            plot_latency(report, plot_path)
+            plots.append(ctx.rel(plot_path))
+        except ImportError:  # matplotlib is not in the device image: report.md's table says it all
+            log("  (no latency.png: matplotlib is not installed here)")
     write_report_json(json_path, report)
     write_markdown(md_path, report)
     return {"report": RunReport(json_file=ctx.rel(json_path), markdown_file=ctx.rel(md_path),

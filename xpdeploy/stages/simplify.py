@@ -10,11 +10,18 @@ from xpdeploy.export.parity import PARITY_SAMPLES, check_output_parity
 from xpdeploy.export.simplify import simplify_onnx
 from xpdeploy.export.tensorrt_ops import tensorrt_notes
 from xpdeploy.progress import log
+from xpdeploy.spec import SimplifyConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import StageSettings
 
 
-def run(ctx: StageContext, onnx: OnnxModels, verify_set: VerifySet) -> dict[str, Artifact]:
-    cfg = ctx.spec.simplify
+class Settings(StageSettings):
+    simplify: SimplifyConfig
+
+
+def run(ctx: StageContext[Settings], onnx: OnnxModels, verify_set: VerifySet
+        ) -> dict[str, Artifact]:
+    cfg = ctx.settings.simplify
     pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
     out = {}
     for label, src in onnx.models.items():

@@ -10,23 +10,28 @@ from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model, save_model
 from xpdeploy.spec import FinetuneConfig, TrainConfig
 from xpdeploy.stages.context import StageContext
+from xpdeploy.stages.fingerprint import DataSettings
 from xpdeploy.training.distill import Distiller
 from xpdeploy.training.loop import effective_lr, train_model
 from xpdeploy.training.precision import autocast_dtype
 
 
-def run(ctx: StageContext, model: TorchModel) -> dict[str, Artifact]:
-    assert ctx.spec.train is not None  # checked by PipelineSpec.check_runnable
-    return train_stage(ctx, model, ctx.spec.train)
+class Settings(DataSettings):
+    train: TrainConfig | None
 
 
-def train_stage(ctx: StageContext, model: TorchModel, cfg: TrainConfig,
+def run(ctx: StageContext[Settings], model: TorchModel) -> dict[str, Artifact]:
+    assert ctx.settings.train is not None  # checked by PipelineSpec.check_runnable
+    return train_stage(ctx, model, ctx.settings.train)
+
+
+def train_stage(ctx: StageContext[DataSettings], model: TorchModel, cfg: TrainConfig,
                 teacher: TorchModel | None = None) -> dict[str, Artifact]:
     """Train ``model`` with ``cfg`` in the stage folder (shared by ``train`` and ``finetune``).
 
     Collective under torchrun: every rank trains its shard; rank 0 alone writes the results.
     """
-    spec = ctx.spec
+    spec = ctx.settings
     net = rebuild_model(model.arch, ctx.path(model.weights_file))
     distiller = None
     if teacher is not None:

@@ -2,9 +2,14 @@
 
 Accuracy (top-1, delta vs the original), agreement and logit differences vs the original, export
 fidelity vs each candidate's own torch model, and latency measured interleaved with a baseline in
-this process, so machine drift cancels in the speedup (design.md section 4). The baseline of an
-ONNX file of the pruned model is the original's ONNX file of the same kind (exported or simplified),
-so its speedup measures pruning, not a change of backend.
+this process, so machine drift cancels in the speedup (docs/architecture.md section 4). The
+baseline of an ONNX file of the pruned model is the original's ONNX file of the same kind
+(exported or simplified), so its speedup measures pruning, not a change of backend.
+
+The same stage runs on the host and on a torch-free device (a run on a bundle). The reference is
+:class:`~xpdeploy.artifacts.ReferenceLogits`: on the host this stage computes it with torch (and
+adds the pruned torch model as a candidate); on the device it is the bundle's, and the original's
+ONNX files are timed against ``original.onnx`` instead of torch.
 """
 
 from __future__ import annotations
@@ -21,119 +26,150 @@ from xpdeploy.artifacts import (
     OnnxModel,
     OnnxModels,
     ParityReport,
+    ReferenceLogits,
     TorchModel,
     VerifySet,
 )
 from xpdeploy.backends.ort_runner import OrtRunner
-from xpdeploy.backends.torch_runner import TorchRunner
-from xpdeploy.data.verify_set import load_verify_set
-from xpdeploy.fileio import write_json_atomic, write_with
+from xpdeploy.backends.runner import Runner
+from xpdeploy.data.npz import read_npz, write_npz
+from xpdeploy.data.verify_set import VerifyBatch, load_verify_set
+from xpdeploy.fileio import write_json_atomic
+from xpdeploy.logits import top1
+from xpdeploy.progress import log
+from xpdeploy.spec import PipelineSpec, VerifyConfig
 from xpdeploy.stages.context import StageContext
-from xpdeploy.verify.candidates import Candidate, evaluate_plan
-from xpdeploy.verify.compare import top1
-from xpdeploy.verify.engines import (
+from xpdeploy.stages.fingerprint import StageSettings
+from xpdeploy.verify.accelerators import (
     EngineRunnerFactory,
     accelerator_candidates,
     choose_precisions,
     trt_runner_factory,
     verdict,
 )
+from xpdeploy.verify.candidates import Candidate, evaluate_plan
 from xpdeploy.verify.outputs import infer_all
 
-#: Torch logits of every source model on the verify set, for the device bundle (xpdeploy.bundle).
+#: Torch logits of every source model on the verify set (the device bundle carries them).
 REFERENCE_LOGITS = "reference_logits.npz"
 
 
-def save_reference_logits(path: Path, logits: dict[str, np.ndarray]) -> None:
-    """Write ``label -> (samples, classes)`` float32 logits as an .npz, atomically.
+class Settings(StageSettings):
+    verify: VerifyConfig
+    batch_size: int  # data.batch_size: images per inference call
+    trace_batch: int  # export_onnx.trace_batch: the batch a fixed-batch ONNX file runs at
 
-    Why: a torch-free device compares its ONNX/TensorRT outputs with these instead of rerunning
-    torch. The ParityReport owns the file (``reference_file``), so its digest guards it too.
-    """
-    arrays = {label: np.asarray(x, dtype=np.float32) for label, x in logits.items()}
 
-    def writer(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+def settings(spec: PipelineSpec) -> Settings:
+    return Settings(verify=spec.verify, batch_size=spec.data.batch_size,
+                    trace_batch=spec.export_onnx.trace_batch)
 
-    write_with(path, writer)
+
+def _torch_reference(ctx: StageContext[Settings], sources: dict[str, TorchModel],
+                     batch: VerifyBatch, threads: int, stack: contextlib.ExitStack
+                     ) -> tuple[ReferenceLogits, dict[str, Runner]]:
+    """Run every source model in torch (fp32, CPU), save the logits; returns their runners too."""
+    from xpdeploy.backends.torch_runner import TorchRunner  # the host only: a device has no torch
+
+    runners: dict[str, Runner] = {
+        label: stack.enter_context(TorchRunner(m, ctx.run_dir, threads=threads))
+        for label, m in sources.items()}
+    logits = {label: np.asarray(infer_all(r, batch.pixels, ctx.settings.batch_size),
+                                dtype=np.float32) for label, r in runners.items()}
+    path = ctx.stage_dir / REFERENCE_LOGITS
+    write_npz(path, logits)
+    top = {label: None if batch.synthetic else top1(x, batch.labels) for label, x in logits.items()}
+    return ReferenceLogits(file=ctx.rel(path), runner=runners["original"].name, top1=top), runners
+
+
+def load_reference(run_dir: Path, reference: ReferenceLogits) -> dict[str, np.ndarray]:
+    """Label -> (samples, classes) float32 logits of a :class:`ReferenceLogits`."""
+    arrays = read_npz(run_dir / reference.file, tuple(reference.top1), what="reference logits",
+                      fix="rerun verify on the host (and make the bundle again)")
+    return {label: np.asarray(x, dtype=np.float32) for label, x in arrays.items()}
 
 
 def run(
-    ctx: StageContext,
+    ctx: StageContext[Settings],
     model: TorchModel,
     verify_set: VerifySet,
     pruned: TorchModel | None = None,
     exported: OnnxModels | None = None,
     simplified: OnnxModels | None = None,
     engines: EngineSet | None = None,
+    reference: ReferenceLogits | None = None,
 ) -> dict[str, Artifact]:
-    cfg = ctx.spec.verify
+    """Verify every candidate; ``reference`` given (a device run): no torch is imported."""
+    cfg, eval_batch = ctx.settings.verify, ctx.settings.batch_size
     # CPUs this process may use (a container's affinity mask, not the host's core count).
     threads = cfg.threads or len(os.sched_getaffinity(0))
     batch = load_verify_set(ctx.path(verify_set.file))
     sources = {m.label: m for m in (model, pruned) if m is not None}
     with contextlib.ExitStack() as stack:
-        torch_runners = {label: stack.enter_context(TorchRunner(m, ctx.run_dir, threads=threads))
-                         for label, m in sources.items()}
-        original = torch_runners["original"]
-        logits = {label: infer_all(r, batch.pixels, ctx.spec.data.batch_size)
-                  for label, r in torch_runners.items()}
-        ref_top1 = None if batch.synthetic else top1(logits["original"], batch.labels)
-        save_reference_logits(ctx.stage_dir / REFERENCE_LOGITS, logits)
+        torch_runners: dict[str, Runner] = {}
+        if reference is None:
+            reference, torch_runners = _torch_reference(ctx, sources, batch, threads, stack)
+            original_runner = torch_runners["original"].name
+        else:
+            original_runner = f"{reference.runner} (host reference logits)"
+        logits = load_reference(ctx.run_dir, reference)
+        ref_top1 = reference.top1.get("original")
 
         ort_runners: dict[Path, OrtRunner] = {}
 
-        def ort_file(path: Path) -> OrtRunner:
+        def ort_file(path: Path, input_name: str = "pixels") -> OrtRunner:
             if path not in ort_runners:
-                ort_runners[path] = stack.enter_context(OrtRunner(path, threads=threads))
+                runner = OrtRunner(path, threads=threads, input_name=input_name)
+                ort_runners[path] = stack.enter_context(runner)
             return ort_runners[path]
 
         def ort(onnx_model: OnnxModel) -> OrtRunner:
-            return ort_file(ctx.path(onnx_model.file))
+            return ort_file(ctx.path(onnx_model.file), onnx_model.input_name)
 
         plan: list[Candidate] = []
-        if pruned is not None:
+        if "pruned" in torch_runners:
             plan.append(Candidate("pruned (torch)", torch_runners["pruned"],
-                                   pruned.weights_file, pruned, "original (torch)", original))
+                                  sources["pruned"].weights_file, sources["pruned"],
+                                  "original (torch)", torch_runners["original"]))
+        # The original's ONNX files are timed against torch, or (no torch) its exported file.
+        first = (exported or simplified or OnnxModels(models={})).models.get("original")
         for group in (exported, simplified):
-            if group is None:
-                continue
-            for label, onnx_model in group.models.items():
-                fixed = None if onnx_model.dynamic_batch else ctx.spec.export_onnx.trace_batch
-                name = onnx_model.file.rsplit("/", 1)[-1]
-                base = group.models.get("original")
-                if label == "original" or base is None:
-                    baseline_name, baseline = "original (torch)", original
+            for label, onnx_model in (group.models.items() if group else ()):
+                fixed = None if onnx_model.dynamic_batch else ctx.settings.trace_batch
+                base = group.models.get("original") if label != "original" else None
+                if base is None and torch_runners:
+                    baseline_name, baseline = "original (torch)", torch_runners["original"]
                 else:
-                    baseline_name, baseline = base.file.rsplit("/", 1)[-1], ort(base)
-                plan.append(Candidate(name, ort(onnx_model), onnx_model.file, sources[label],
-                                       baseline_name, baseline, fixed))
+                    base = base or first or onnx_model
+                    baseline_name, baseline = Path(base.file).name, ort(base)
+                plan.append(Candidate(Path(onnx_model.file).name, ort(onnx_model),
+                                      onnx_model.file, sources[label], baseline_name, baseline,
+                                      fixed))
         last = simplified or exported
 
         def engine_runners() -> EngineRunnerFactory:
-            from xpdeploy.engine.cuda_memory import load_backend
+            from xpdeploy.backends.cuda_memory import load_backend
 
             return trt_runner_factory(stack.enter_context(load_backend()))
 
         plan += accelerator_candidates(
             [(m, ctx.path(m.file)) for m in last.models.values()] if last else [], sources,
-            ort_file, stack, cfg=cfg, trace_batch=ctx.spec.export_onnx.trace_batch,
-            eval_batch=ctx.spec.data.batch_size, engines=engines, engines_root=ctx.run_dir,
+            ort_file, stack, cfg=cfg, trace_batch=ctx.settings.trace_batch,
+            eval_batch=eval_batch, engines=engines, engines_root=ctx.run_dir,
             engine_runners=engine_runners)
         results, temperatures = evaluate_plan(
-            plan, batch, logits, ref_top1, cfg=cfg, eval_batch_size=ctx.spec.data.batch_size,
-            threads=threads)
-        original_name = original.name
+            plan, batch, logits, ref_top1, cfg=cfg, eval_batch_size=eval_batch, threads=threads)
     choices = choose_precisions(engines, results) if engines is not None else []
+    for choice in choices:
+        log(f"  precision best, {choice.source} {choice.batch}: {choice.reason}")
     path = ctx.stage_dir / "parity.json"
     report = ParityReport(
-        file=ctx.rel(path), reference_file=ctx.rel(ctx.stage_dir / REFERENCE_LOGITS),
-        original_name=model.label, original_runner=original_name,
+        file=ctx.rel(path), reference_file=reference.file,
+        original_name=model.label, original_runner=original_runner,
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
         threads=threads, candidates=results, choices=choices,
         temperatures_c=temperatures, passed=verdict(results, choices),
     )
     write_json_atomic(path, report.model_dump(mode="json", exclude={"file"}))
-    return {"parity": report}
+    return {"parity": report, "reference": reference}

@@ -1,13 +1,13 @@
-"""Training checkpoints: the whole state needed to resume exactly, written by rank 0 alone.
+"""Checkpoints of every resumable run (training, mask learning): written by rank 0 alone.
 
-A checkpoint holds model, optimiser, scheduler, AMP scaler and EMA state, the position (epoch and
-optimiser steps done inside it), the history, and every rank's RNG states (torch CPU and CUDA,
-numpy's and Python's global generators) gathered to rank 0, so each rank of a resumed run draws
-what it would have drawn. Augmentation is seeded per draw (:mod:`xpdeploy.data.train_augment`), so
-these RNG states only matter for dropout and the like.
+A checkpoint holds the caller's state (the training loop's model, optimiser, scheduler, AMP scaler
+and EMA state, position and history; learn_masks' masks, optimiser, scheduler and history) and
+every rank's RNG states (torch CPU and CUDA, numpy's and Python's global generators) gathered to
+rank 0, so each rank of a resumed run draws what it would have drawn. Augmentation is seeded per
+draw (:mod:`xpdeploy.data.train_augment`), so these RNG states only matter for dropout and the like.
 
-A checkpoint carries the fingerprint of the stage's config and inputs; one from another config is
-ignored (training restarts), never half-applied. Writes are atomic (``fileio.write_with``).
+A checkpoint carries the fingerprint of the run's config and inputs; one from another config is
+ignored (the run restarts), never half-applied. Writes are atomic (``fileio.write_with``).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
 
 
 def load(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint's state if it belongs to this exact training run, else None.
+    """The checkpoint's state if it belongs to this exact run (its ``fingerprint``), else None.
 
     Every rank reads it (the run folder is on a shared filesystem) and restores its own RNG
     states; a checkpoint written by a different number of ranks restores rank 0's states only
@@ -86,10 +86,10 @@ def load(path: Path, fingerprint: str) -> dict[str, Any] | None:
     try:  # weights_only: a checkpoint is data, never code
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an older format or a damaged disk: start over, say so
-        log(f"  ignoring unreadable checkpoint {path} ({type(e).__name__}); training from epoch 0")
+        log(f"  ignoring unreadable checkpoint {path} ({type(e).__name__}); starting at epoch 0")
         return None
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        log(f"  checkpoint {path} belongs to another config or input; training from epoch 0")
+        log(f"  checkpoint {path} belongs to another config or input; starting at epoch 0")
         return None
     rngs = state.get("rng") or []
     me = distributed.rank()

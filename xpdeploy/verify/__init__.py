@@ -1,27 +1,5 @@
-"""Compare outputs, accuracy and latency of runners; judge candidates against gates.
+"""Candidates, gates, latency and the accelerator candidates of the verify stage.
 
 Torch-free on purpose: this package runs on device machines that have only numpy, onnxruntime and
-TensorRT (design.md section 1).
+TensorRT (docs/architecture.md section 1). Import the submodules; the package imports nothing.
 """
-
-from xpdeploy.verify.compare import LogitComparison, compare_logits, top1
-from xpdeploy.verify.gates import evaluate_gates
-from xpdeploy.verify.latency import (
-    Runner,
-    latency_stats,
-    make_batch,
-    measure_interleaved,
-    measure_latency,
-)
-
-__all__ = [
-    "LogitComparison",
-    "Runner",
-    "compare_logits",
-    "evaluate_gates",
-    "latency_stats",
-    "make_batch",
-    "measure_interleaved",
-    "measure_latency",
-    "top1",
-]

@@ -8,14 +8,15 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from xpdeploy.artifacts import CandidateResult, GateResult, TorchModel
+from xpdeploy.backends.runner import Runner
 from xpdeploy.data.verify_set import VerifyBatch
+from xpdeploy.logits import compare_logits, top1
 from xpdeploy.progress import log
-from xpdeploy.report.thermal import TemperatureSampler
 from xpdeploy.spec import GatesConfig, VerifyConfig
-from xpdeploy.verify.compare import compare_logits, top1
 from xpdeploy.verify.gates import evaluate_gates
-from xpdeploy.verify.latency import Runner, latency_stats, measure_interleaved
+from xpdeploy.verify.latency import latency_stats, measure_interleaved
 from xpdeploy.verify.outputs import infer_all
+from xpdeploy.verify.thermal import TemperatureSampler
 
 
 @runtime_checkable
@@ -58,7 +59,7 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
                        fixed_batch=c.fixed_batch is not None)
     gpu_timed = isinstance(c.runner, GpuTimedRunner)
     cmp = compare_logits(ref_logits, logits)
-    source_diff = float(np.abs(source_logits - logits).max())
+    source_diff = compare_logits(source_logits, logits).max_abs_diff  # export fidelity
     cand_top1 = None if batch.synthetic else top1(logits, batch.labels)
     delta = None if cand_top1 is None or ref_top1 is None else cand_top1 - ref_top1
     lat_b, lat_c = [], []

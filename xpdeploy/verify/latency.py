@@ -1,4 +1,4 @@
-"""Latency of runners, measured side by side (design.md sections 4 and 6).
+"""Latency of runners, measured side by side (docs/architecture.md sections 4 and 6).
 
 All times are milliseconds per batch; throughput is images per second at the median latency.
 Speedups are ratios of medians measured in the same process, interleaved call by call, so that
@@ -10,33 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from xpdeploy.artifacts import LatencyStats
+from xpdeploy.backends.runner import Runner
 
 Clock = Callable[[], float]
 """Returns the current time in seconds (like ``time.perf_counter``)."""
-
-
-@runtime_checkable
-class Runner(Protocol):
-    """One way of running a model (torch, onnxruntime, TensorRT) behind a single interface.
-
-    Constructing a runner only stores its artifact; ``__enter__`` opens the session, deserialises
-    the engine or allocates buffers, and ``__exit__`` releases them. ``infer`` takes NCHW float32
-    pixels and returns logits (N, classes) as a numpy array, so it returns only when the work is
-    done (a GPU runner synchronises before returning), which is what makes timing it meaningful.
-    """
-
-    name: str  # e.g. "torch-fp32", "ort-cpu-fp32", "trt-fp16", "trt-int8"
-
-    def __enter__(self) -> Runner: ...
-
-    def __exit__(self, *exc: Any) -> None: ...
-
-    def infer(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
 def latency_stats(times_ms: Sequence[float] | np.ndarray, batch: int) -> LatencyStats:
@@ -93,9 +74,9 @@ def measure_interleaved(
     Why interleaved: timing the original for a minute and then the candidate for a minute lets
     machine drift (frequency scaling, thermal throttling, background load) land on one of them and
     shows up as a fake speedup or slowdown. Calling each runner once per round puts the drift on
-    both, so it cancels in the ratio of medians (design.md sections 4 and 6). The order alternates
-    every round (forward on even rounds, reversed on odd ones) so that neither runner always runs
-    right after the other and inherits its cache state or its tail of GPU work.
+    both, so it cancels in the ratio of medians (docs/architecture.md sections 4 and 6). The order
+    alternates every round (forward on even rounds, reversed on odd ones) so that neither runner
+    always runs right after the other and inherits its cache state or its tail of GPU work.
 
     The runners must already be entered (open). ``warmup`` untimed rounds run first (same
     alternating order), then ``iters`` timed rounds; ``clock`` returns seconds.

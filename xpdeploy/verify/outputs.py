@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xpdeploy.verify.latency import Runner
+from xpdeploy.backends.runner import Runner
 
 
 def infer_all(

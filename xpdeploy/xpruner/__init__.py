@@ -1,4 +1,4 @@
-"""X-Pruner stage 1: class-wise explainability masks on heads and MLP neurons (method.md).
+"""X-Pruner stage 1: class-wise explainability masks on heads and MLP neurons (docs/method.md).
 
 ``masks``: the mask tables (kept outside the model) and the label-gated model used to learn them;
 ``losses``: the sparsity and smoothness penalties; ``learn``: the mask-learning loop, its

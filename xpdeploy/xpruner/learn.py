@@ -1,4 +1,5 @@
-"""Stage 1 of X-Pruner: learn the class-wise masks with the backbone frozen (method.md, "Stage 1").
+"""Stage 1 of X-Pruner: learn the class-wise masks with the backbone frozen
+(docs/method.md, "Stage 1").
 
 Loss = CE(masked logits, y) + lambda_sparse * L_sparse + lambda_smooth * L_smooth (``target:
 label``, the paper), or with KL(unmasked || masked) in place of the CE and the rows mixed by the
@@ -28,8 +29,9 @@ batch_size). The masks are parameters of the DDP-wrapped :class:`MaskedModel`, s
 over ranks and every rank takes the same Adam step: N ranks with batch b learn the masks one
 process learns with batch N x b, to float rounding, when the subset divides into global batches.
 The masks and Adam's state stay float32 whatever the backbone's dtype or autocast (they move by
-~lr per step; half precision would round small steps away). Rank 0 alone writes the checkpoint;
-every rank resumes from it (the stage folder must be on a filesystem all ranks see).
+~lr per step; half precision would round small steps away). Rank 0 alone writes the checkpoint
+(:mod:`xpdeploy.training.checkpoint`, with every rank's RNG states); every rank resumes from it
+(the stage folder must be on a filesystem all ranks see).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from xpdeploy import distributed
 from xpdeploy.errors import ConfigError, DataError, ModelError
 from xpdeploy.fileio import sha256_json, write_with
 from xpdeploy.progress import log, progress
+from xpdeploy.training import checkpoint
 from xpdeploy.training.batches import rank_shard
 from xpdeploy.training.loop import lr_factor
 from xpdeploy.training.precision import autocast, autocast_dtype
@@ -57,7 +60,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import Dataset
 
-    from xpdeploy.prune.units import UnitScores
+    from xpdeploy.prune.unit_scores import UnitScores
     from xpdeploy.spec import LearnMasksConfig
 
 CHECKPOINT_NAME = "masks.pt"
@@ -127,10 +130,6 @@ def _moved_share(before: list[torch.Tensor], after: list[torch.Tensor], eps: flo
     return moved / max(total, 1)
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    write_with(path, lambda tmp: torch.save(state, tmp))
-
-
 def _run_key(cfg: LearnMasksConfig, *, fingerprint: str, seed: int, num_classes: int,
              images: int, world_size: int) -> str:
     """The caller's fingerprint plus what this function itself depends on (thread count aside).
@@ -166,23 +165,6 @@ def _global_means(sums: dict[str, float], seen: int) -> dict[str, float]:
     return {k: v / max(images, 1.0) for k, v in zip(keys, totals, strict=True)}
 
 
-def _load_checkpoint(path: Path, fingerprint: str, run_key: str) -> dict[str, Any] | None:
-    """The checkpoint's state if it belongs to this exact mask-learning run, else None."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an older version's file or a damaged disk: start over
-        log(f"  ignoring unreadable mask checkpoint {path} ({type(e).__name__}); starting at 0")
-        return None
-    if not isinstance(state, dict) or (state.get("fingerprint"), state.get("run_key")) != (
-        fingerprint, run_key
-    ):
-        log(f"  mask checkpoint {path} belongs to another config or input; starting at epoch 0")
-        return None
-    return state
-
-
 def _fresh_state(
     model: nn.Module, num_classes: int, cfg: LearnMasksConfig, total_steps: int
 ) -> tuple[ClassMasks, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -214,10 +196,11 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
 
-    def checkpoint(self, fingerprint: str, run_key: str) -> dict[str, Any]:
+    def checkpoint(self, run_key: str) -> dict[str, Any]:
+        """The state :func:`xpdeploy.training.checkpoint.save` writes; ``run_key`` (which folds in
+        the caller's fingerprint) is its fingerprint."""
         return {
-            "fingerprint": fingerprint,
-            "run_key": run_key,
+            "fingerprint": run_key,
             "epoch": len(self.history),
             "masks": self.masks.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -227,10 +210,11 @@ class _Run:
 
 
 def _start(model: nn.Module, num_classes: int, cfg: LearnMasksConfig, total_steps: int,
-           checkpoint_path: Path | None, fingerprint: str, run_key: str) -> _Run:
-    """A fresh run, or the one the checkpoint holds when it belongs to this exact run."""
+           checkpoint_path: Path | None, run_key: str) -> _Run:
+    """A fresh run, or the one the checkpoint holds when it belongs to this exact run (its RNG
+    states restored with it)."""
     run = _Run(*_fresh_state(model, num_classes, cfg, total_steps))
-    state = _load_checkpoint(checkpoint_path, fingerprint, run_key) if checkpoint_path else None
+    state = checkpoint.load(checkpoint_path, run_key) if checkpoint_path else None
     if state is None:
         return run
     try:
@@ -414,7 +398,7 @@ def learn_masks(
         run_key = _run_key(cfg, fingerprint=fingerprint, seed=seed, num_classes=num_classes,
                            images=len(train_set), world_size=world)  # type: ignore[arg-type]
         checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
-        run = _start(model, num_classes, cfg, total_steps, checkpoint_path, fingerprint, run_key)
+        run = _start(model, num_classes, cfg, total_steps, checkpoint_path, run_key)
         _check_same_start(run.start_epoch, checkpoint_path)
         # Backbone frozen before wrapping: DDP then syncs (and expects a gradient for) the masks
         # only, and every table gets one each step (absent classes' rows as zeros).
@@ -432,8 +416,8 @@ def learn_masks(
                                    steps=steps_per_epoch, eps=cfg.converged_eps)
             run.history.append(record)
             _log_epoch(record, cfg.epochs)
-            if checkpoint_path is not None and rank == 0:
-                _save_checkpoint(checkpoint_path, run.checkpoint(fingerprint, run_key))
+            if checkpoint_path is not None:  # collective: gathers every rank's RNG states
+                checkpoint.save(checkpoint_path, run.checkpoint(run_key))
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -1,4 +1,4 @@
-"""Sparsity and smoothness penalties on the class-wise masks (method.md, "Stage 1").
+"""Sparsity and smoothness penalties on the class-wise masks (docs/method.md, "Stage 1").
 
 Both are **summed over units and averaged over classes**: for each (num_classes, units) table the
 sum of the per-element penalty divided by num_classes, then summed over all tables. Not a mean over

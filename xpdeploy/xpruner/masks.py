@@ -1,4 +1,5 @@
-"""Class-wise unit masks and the label-gated model that learns them (method.md, "Units and masks").
+"""Class-wise unit masks and the label-gated model that learns them
+(docs/method.md, "Units and masks").
 
 Every block gets two fp32 tables, ``heads[b]`` of shape (num_classes, H_b) and ``neurons[b]`` of
 shape (num_classes, M_b), initialised to 1.0 and unconstrained (no sigmoid: a value may go
@@ -7,7 +8,7 @@ block's head outputs (before ``attn.proj``) and neuron activations (before ``mlp
 label (mixup) uses the label-weighted mix of the rows.
 
 The tables live in a :class:`ClassMasks` module *outside* the model, and are applied through the
-forward pre-hooks of :func:`xpdeploy.models.units.gated_units`: the model's parameter names and
+forward pre-hooks of :func:`xpdeploy.models.unit_sites.gated_units`: the model's parameter names and
 ``state_dict`` are untouched, so a checkpoint loads into it with zero missing or unexpected keys
 while masks are attached.
 
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xpdeploy.models.units import gated_units, unit_sites
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.models.unit_sites import gated_units, unit_sites
+from xpdeploy.prune.unit_scores import UnitScores
 
 
 class ClassMasks(nn.Module):

@@ -16,7 +16,7 @@ import numpy as np
 from xpdeploy.figures import figure
 
 if TYPE_CHECKING:
-    from xpdeploy.prune.units import UnitScores
+    from xpdeploy.prune.unit_scores import UnitScores
     from xpdeploy.xpruner.masks import ClassMasks
 
 #: Above this many classes the y axis shows a subset of class names (they would overlap).
@@ -78,7 +78,7 @@ def plot_scores(scores: UnitScores, path: str | os.PathLike[str]) -> None:
 
     Box plots with every score drawn as a jittered point on top (heads are few per block, so the
     points say more than the box). A flat distribution means the masks carry little ranking
-    information (see method.md on convergence).
+    information (see docs/method.md on convergence).
     """
     rng = np.random.default_rng(0)  # jitter only; fixed so equal inputs give equal images
     with figure(path, 1, 2, figsize=(11, 4.2), squeeze=False) as (fig, axes):

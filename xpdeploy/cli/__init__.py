@@ -1,4 +1,8 @@
-"""Command line: ``xpdeploy run | validate | show``. Maps errors to exit codes (design.md sec. 5).
+"""Command line: ``xpdeploy run | validate | show``. Maps errors to exit codes
+(docs/architecture.md section 5).
+
+The main group lives here; the other commands are in this package's modules (``bundle``,
+``calibration``, ``compare``) and share the error handling of :mod:`xpdeploy.cli.guard`.
 
 Only click, pyyaml and pydantic are imported at start-up, so ``xpdeploy --help`` works (and is fast)
 on a machine without torch, onnxsim or TensorRT.
@@ -13,13 +17,13 @@ from typing import TYPE_CHECKING
 import click
 
 from xpdeploy import __version__, distributed
-from xpdeploy.bundle_cli import bundle
-from xpdeploy.calib_cli import calib
-from xpdeploy.cli_guard import guarded as _guarded
+from xpdeploy.cli.bundle import bundle
+from xpdeploy.cli.calibration import calib
+from xpdeploy.cli.compare import compare
+from xpdeploy.cli.guard import guarded as _guarded
 from xpdeploy.distributed import is_main
 from xpdeploy.errors import ConfigError, XpdeployError
 from xpdeploy.progress import format_duration
-from xpdeploy.report.compare import compare
 
 if TYPE_CHECKING:
     from xpdeploy.spec import PipelineSpec
@@ -66,8 +70,8 @@ def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_s
     from xpdeploy.device_run import is_bundle
 
     if is_bundle(pipeline):
-        host_options = bool(overrides or from_stage or until or force)
-        _run_bundle(pipeline, run_dir, device_stages, host_options, debug)
+        host_options = bool(from_stage or until)
+        _run_bundle(pipeline, run_dir, device_stages, host_options, overrides, force, debug)
         return
     if device_stages:
         _guarded(debug, lambda: _refuse("--stages is for bundles; a pipeline's stages come from "
@@ -112,7 +116,7 @@ def _refuse(message: str) -> None:
 
 
 def _run_bundle(tar: Path, run_dir: Path | None, stages: str | None, host_options: bool,
-                debug: bool) -> None:
+                overrides: tuple[str, ...], force: bool, debug: bool) -> None:
     """``run X.tar``: the device side of a pipeline (xpdeploy.device_run), torch-free."""
     from xpdeploy.device_run import parse_stages, run_bundle
 
@@ -121,11 +125,12 @@ def _run_bundle(tar: Path, run_dir: Path | None, stages: str | None, host_option
 
     def go() -> None:
         if host_options:
-            raise ConfigError("--set/--from/--until/--force apply to pipeline files, not to "
-                              "bundles; pass --stages and --run-dir only")
-        result = run_bundle(tar, run_dir, parse_stages(stages))
-        click.echo(f"PASSED | {result.pipeline} (device) | {format_duration(result.duration_s)} "
-                   f"| {result.report_md or result.run_dir}")
+            raise ConfigError("--from/--until apply to pipeline files, not to bundles; choose "
+                              "the device stages with --stages")
+        result = run_bundle(tar, run_dir, parse_stages(stages), overrides=overrides, force=force)
+        where = result.run_dir / result.report.markdown_file if result.report else result.run_dir
+        click.echo(f"PASSED | {result.name} (device) | {format_duration(result.duration_s)} "
+                   f"| {where}")
 
     def failed_line() -> None:
         click.echo(f"FAILED | {name} (device) | {format_duration(time.monotonic() - t0)} | {tar}")
@@ -191,7 +196,3 @@ def main() -> None:
     except SystemExit as e:
         distributed.end_process(e.code if isinstance(e.code, int) else int(e.code is not None))
         raise
-
-
-if __name__ == "__main__":
-    main()

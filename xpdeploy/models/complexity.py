@@ -1,4 +1,4 @@
-"""MACs and parameter counts (design.md section 6: MACs of one image, labelled gmacs)."""
+"""MACs and parameter counts (docs/architecture.md section 6: MACs of one image, labelled gmacs)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class UnitScores:
             raise ValueError("heads and neurons must list the same blocks")
 
     def normalized(self, mode: Normalize) -> UnitScores:
-        """Scores made comparable across unit types (method.md, "Stage 2").
+        """Scores made comparable across unit types (docs/method.md, "Stage 2").
 
         ``type``: divide every head score by the mean head score of the whole model, every neuron
         score by the mean neuron score (blocks keep their differences: layer-adaptive plans).

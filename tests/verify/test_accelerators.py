@@ -6,7 +6,7 @@ from typing import Any
 
 from tests.report import candidate
 from xpdeploy.artifacts import CandidateResult, EngineSet, TrtEngine
-from xpdeploy.verify.engines import choose_precisions, fixed_batch, verdict
+from xpdeploy.verify.accelerators import choose_precisions, fixed_batch, verdict
 
 
 def engine(source: str, precision: str, batch: str = "b1", lo: int = 1, hi: int = 1) -> TrtEngine:

@@ -16,7 +16,9 @@ verified on a real TensorRT: no machine of the team has one.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -130,17 +132,49 @@ def import_tensorrt(purpose: str) -> ModuleType:
     return tensorrt
 
 
-_L4T_RE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)")
+_L4T_RE = re.compile(r"R(\d+)\s*\(\w+\),\s*REVISION:\s*(\d+(?:\.\d+)*)")
+#: Where apt (Jetson, x86 distributions) and the CUDA toolkit put C version headers.
+INCLUDE_DIRS = ("usr/include", "usr/include/aarch64-linux-gnu", "usr/include/x86_64-linux-gnu",
+                "usr/local/cuda/include")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").replace("\x00", "")
+    except OSError:
+        return None
 
 
 def l4t_release(path: str | Path = "/etc/nv_tegra_release") -> str | None:
-    """The Jetson L4T release ("35.4.1") from ``/etc/nv_tegra_release``, None off Jetson.
+    """The Jetson L4T release ("36.3.0" from "# R36 (release), REVISION: 3.0, ...") in
+    ``/etc/nv_tegra_release``; None off Jetson or when unparsable.
 
-    Part of the engine cache key: an engine built on one L4T release is not loadable on another.
+    Part of the engine cache key (an engine built on one L4T release is not loadable on another)
+    and of the report's environment.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    m = _L4T_RE.search(text)
+    m = _L4T_RE.search(_read(Path(path)) or "")
     return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def header_version(root: Path, header: str, macros: Sequence[str]) -> str | None:
+    """"8.9.4" from the ``#define`` lines of the first ``header`` found in :data:`INCLUDE_DIRS`
+    under ``root``; a macro defined as another macro (as TensorRT 10 does: ``NV_TENSORRT_MAJOR
+    TRT_MAJOR_ENTERPRISE``) is followed one step."""
+    for folder in INCLUDE_DIRS:
+        text = _read(root / folder / header) or ""
+        defines = dict(re.findall(r"^\s*#define\s+(\w+)\s+(\w+)", text, re.MULTILINE))
+        values = [defines.get(defines.get(m, ""), defines.get(m)) for m in macros]
+        if all(v is not None and v.isdigit() for v in values):
+            return ".".join(values)  # type: ignore[arg-type]
+    return None
+
+
+def tensorrt_version(root: Path = Path("/")) -> str | None:
+    """The installed TensorRT's version text, read without importing it (the report's probe:
+    importing TensorRT loads its libraries): the Python package's metadata, else
+    ``NvInferVersion.h`` (JetPack's apt install). None when neither is there."""
+    try:
+        return importlib.metadata.version("tensorrt")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return header_version(root, "NvInferVersion.h",
+                              ("NV_TENSORRT_MAJOR", "NV_TENSORRT_MINOR", "NV_TENSORRT_PATCH"))

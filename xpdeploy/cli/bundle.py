@@ -1,6 +1,6 @@
 """Command line: ``xpdeploy bundle RUN_DIR -o OUT.tar`` packs a run for a torch-free device.
 
-Errors follow :mod:`xpdeploy.cli_guard`: one stderr line, exit code 1, no traceback. Registered on
+Errors follow :mod:`xpdeploy.cli.guard`: one stderr line, exit code 1, no traceback. Registered on
 the main group with ``cli.add_command(bundle)``; imports no torch.
 """
 
@@ -10,20 +10,9 @@ from pathlib import Path
 
 import click
 
-from xpdeploy.cli_guard import guarded
+from xpdeploy.cli.guard import guarded
 
 _MIB = 1024 * 1024
-#: Image the device side runs in (docker/jetson).
-DEVICE_IMAGE = "xpdeploy-jetson:r36"
-DEVICE_STAGES = "build_engine,verify,report"
-
-
-def continuation(out: Path) -> str:
-    """The command that continues the run on the device, from the folder holding the bundle."""
-    return (
-        f"docker run --runtime nvidia -v $PWD:/work {DEVICE_IMAGE} xpdeploy run "
-        f"{out.name} --stages {DEVICE_STAGES}"
-    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +25,7 @@ def continuation(out: Path) -> str:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bundle(run_dir: Path, out: Path, calibration_root: Path | None, debug: bool) -> None:
     """Pack RUN_DIR (export, simplify and verify finished) for a torch-free device."""
-    from xpdeploy.bundle import make_bundle
+    from xpdeploy.bundle import continuation_command, make_bundle
 
     manifest = guarded(debug, lambda: make_bundle(run_dir, out, calibration_root=calibration_root))
     total = sum(m.size for m in manifest.members)
@@ -44,4 +33,4 @@ def bundle(run_dir: Path, out: Path, calibration_root: Path | None, debug: bool)
     for m in manifest.members:
         click.echo(f"  {m.path}  {m.size / _MIB:.2f} MiB")
     click.echo("continue on the device with:")
-    click.echo(f"  {continuation(out)}")
+    click.echo(f"  {continuation_command(out)}")

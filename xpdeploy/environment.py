@@ -7,10 +7,12 @@ that must match for two reports' latencies to be comparable (``xpdeploy compare`
 otherwise), and :func:`sample_temperatures` reads the thermal zones so benchmarks can note
 throttling.
 
-Standard library only (plus :func:`xpdeploy.runfolder.tool_versions`, which does not import torch),
-so it runs on a bare device machine. Every probe is a small function taking the file-system root and
-a command runner as arguments; tests pass a fake tree and a fake runner. A probe that fails returns
-None (or an empty result): capturing the environment never fails a run.
+Standard library only (plus :func:`xpdeploy.runfolder.tool_versions` and the TensorRT, L4T and
+header probes of :mod:`xpdeploy.backends.trt_versions`, which the engine cache key uses too; neither
+imports torch or TensorRT), so it runs on a bare device machine. Every probe is a small function
+taking the file-system root and a command runner as arguments; tests pass a fake tree and a fake
+runner. A probe that fails returns None (or an empty result): capturing the environment never
+fails a run.
 
 Units: clocks in MHz, temperatures in degrees Celsius, ``logical_cores`` a count.
 """
@@ -29,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xpdeploy.backends.trt_versions import header_version, l4t_release, tensorrt_version
 from xpdeploy.runfolder import tool_versions
 
 Runner = Callable[[Sequence[str]], str | None]
@@ -147,30 +150,6 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _header_version(text: str, names: Sequence[str]) -> str | None:
-    """"8.9.4" from ``#define`` lines of a version header; a macro defined as another macro (as
-    TensorRT 10 does: ``NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE``) is followed one step."""
-    defines = dict(re.findall(r"^\s*#define\s+(\w+)\s+(\w+)", text, re.MULTILINE))
-    parts = []
-    for name in names:
-        value = defines.get(name)
-        value = defines.get(value, value) if value is not None else None
-        if value is None or not value.isdigit():
-            return None
-        parts.append(value)
-    return ".".join(parts)
-
-
-def _first_header(root: Path, relative: Sequence[str], names: Sequence[str]) -> str | None:
-    for rel in relative:
-        text = _read(root / rel)
-        if text:
-            version = _header_version(text, names)
-            if version:
-                return version
-    return None
-
-
 def cuda_version(root: Path = Path("/")) -> str | None:
     """CUDA toolkit version from /usr/local/cuda/version.json (11.1+) or version.txt (older)."""
     text = _read(root / "usr/local/cuda/version.json")
@@ -184,32 +163,12 @@ def cuda_version(root: Path = Path("/")) -> str | None:
     return match.group(1) if match else None
 
 
-_INCLUDE_DIRS = ("usr/include", "usr/include/aarch64-linux-gnu", "usr/include/x86_64-linux-gnu",
-                 "usr/local/cuda/include")
-
-
-def cudnn_version(root: Path = Path("/")) -> str | None:
-    """cuDNN version from its header (cudnn_version.h since cuDNN 8)."""
-    headers = [f"{d}/cudnn_version.h" for d in _INCLUDE_DIRS]
-    return _first_header(root, headers, ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL"))
-
-
-def tensorrt_version(root: Path = Path("/")) -> str | None:
-    """TensorRT version: the Python package's metadata, else NvInferVersion.h (Jetson apt)."""
-    version = _package_version("tensorrt")
-    if version:
-        return version
-    headers = [f"{d}/NvInferVersion.h" for d in _INCLUDE_DIRS]
-    return _first_header(
-        root, headers, ("NV_TENSORRT_MAJOR", "NV_TENSORRT_MINOR", "NV_TENSORRT_PATCH")
-    )
-
-
 def accelerator_libraries(root: Path = Path("/")) -> dict[str, str | None]:
     """CUDA, cuDNN and TensorRT versions plus GPU Python packages; None where absent."""
     libs: dict[str, str | None] = {
         "cuda": cuda_version(root),
-        "cudnn": cudnn_version(root),
+        "cudnn": header_version(root, "cudnn_version.h",
+                                ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL")),
         "tensorrt": tensorrt_version(root),
     }
     for name in ACCELERATOR_PACKAGES:
@@ -219,14 +178,6 @@ def accelerator_libraries(root: Path = Path("/")) -> dict[str, str | None]:
 
 
 # -- Jetson -------------------------------------------------------------------------------------
-
-
-def l4t_release(root: Path = Path("/")) -> str | None:
-    """"36.3.0" from /etc/nv_tegra_release ("# R36 (release), REVISION: 3.0, ..."); None if the
-    file is absent (not a Jetson) or unparsable."""
-    text = _read(root / TEGRA_RELEASE) or ""
-    match = re.search(r"R(\d+)\s*\(\w+\),\s*REVISION:\s*(\d+(?:\.\d+)*)", text)
-    return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
 def parse_nvpmodel(text: str | None) -> dict[str, Any] | None:
@@ -289,7 +240,7 @@ def jetson_facts(root: Path = Path("/"), run: Runner = run_command) -> dict[str,
     nvpmodel = parse_nvpmodel(nvp_raw)
     clocks = parse_jetson_clocks(clocks_raw)
     return {
-        "l4t": l4t_release(root),
+        "l4t": l4t_release(root / TEGRA_RELEASE),
         "board": _read(root / "proc/device-tree/model"),
         "nvpmodel": nvpmodel,
         "jetson_clocks": clocks,

@@ -1,7 +1,7 @@
 """Every CLI command's error handling: one stderr line and an exit code, never a traceback.
 
-In its own module so command groups defined outside ``cli.py`` (``calib``, ``compare``) share it
-without importing ``cli.py`` (which registers them).
+In its own module so the commands defined in this package's other modules (``bundle``, ``calib``,
+``compare``) share it without importing ``xpdeploy.cli`` itself (which registers them).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import threading
 from tests.report import make_parity
 from xpdeploy.report.markdown import render_markdown
 from xpdeploy.report.schema import build_report
-from xpdeploy.report.thermal import TemperatureSampler, thermal_warnings
+from xpdeploy.verify.thermal import TemperatureSampler, thermal_warnings
 
 
 def test_sampler_reads_at_entry_during_and_at_exit() -> None:

@@ -29,9 +29,9 @@ from xpdeploy.artifacts import (
     TrtEngine,
 )
 from xpdeploy.backends.ort_runner import gpu_providers
+from xpdeploy.backends.runner import Runner
 from xpdeploy.spec import GatesConfig, VerifyConfig
 from xpdeploy.verify.candidates import Candidate
-from xpdeploy.verify.latency import Runner
 
 #: Makes the runner of one engine plan: (engine, absolute plan path) -> runner (not yet entered).
 EngineRunnerFactory = Callable[[TrtEngine, Path], Runner]

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from xpdeploy.models.macs import count_gmacs
-from xpdeploy.models.units import unit_sites
+from xpdeploy.models.complexity import count_gmacs
+from xpdeploy.models.unit_sites import unit_sites
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

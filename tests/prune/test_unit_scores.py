@@ -1,10 +1,10 @@
-"""prune/units: the criterion's within-block order and the best units at given counts."""
+"""prune/unit_scores: the criterion's within-block order and the best units at given counts."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from xpdeploy.prune.units import UnitScores
+from xpdeploy.prune.unit_scores import UnitScores
 
 
 def test_keep_top_keeps_the_counts_and_the_best_units() -> None:

@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xpdeploy.engine import cuda_memory
-from xpdeploy.engine.calibrator import DeviceBuffer
-from xpdeploy.engine.cuda_memory import (
+from xpdeploy.backends import cuda_memory
+from xpdeploy.backends.cuda_memory import (
     CudaBackend,
     CudaError,
     CudaPythonBackend,
     PycudaBackend,
     load_backend,
 )
+from xpdeploy.engine.calibrator import DeviceBuffer
 from xpdeploy.errors import MissingDependencyError
 
 # --------------------------------------------------------------------------------------------------

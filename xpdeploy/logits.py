@@ -1,8 +1,9 @@
-"""Accuracy and output parity between the original model and a candidate (design.md section 2).
+"""How closely one model's logits follow another's: the one comparison every parity check uses.
 
-Every function takes logits as numpy arrays of shape (N, C): N samples, C classes, in the runner's
-native dtype. Statistics are computed in float64 so that a float16 candidate is judged on its own
-error, not on rounding inside the comparison.
+The export and simplify checks, the host fp16 / int8 graph checks and the verify stage all judge a
+candidate by these numbers. Every function takes logits as arrays of shape (N, C): N samples,
+C classes, in the runner's native dtype. Statistics are computed in float64 so that a float16
+candidate is judged on its own error, not on rounding inside the comparison.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ class LogitComparison:
 
     agreement: share (0..1) of samples whose argmax class equals the reference's.
     max_abs_diff, mean_abs_diff: over every logit, in logit units.
-    cosine: mean over samples of the cosine similarity of the two logit vectors (-1..1).
+    cosine, min_cosine: mean and lowest over samples of the cosine similarity of the two logit
+    vectors (-1..1).
     """
 
     agreement: float
     max_abs_diff: float
     mean_abs_diff: float
     cosine: float
+    min_cosine: float
 
 
 def _as_logits(x: np.ndarray, what: str) -> np.ndarray:
@@ -70,7 +73,7 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> LogitComparison:
     """Compare a candidate's logits with the reference's, sample by sample.
 
-    A NaN anywhere makes the diffs and the cosine NaN, which fails every gate that reads them
+    A NaN anywhere makes the diffs and the cosines NaN, which fails every gate that reads them
     (a NaN never compares as within a limit).
     """
     ref = np.asarray(reference)
@@ -78,14 +81,16 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> LogitCompari
     if ref.shape != cand.shape:
         raise ExportError(
             f"logit shapes differ: reference {ref.shape} vs candidate {cand.shape}; both runners "
-            "must see the same verification batch and produce (samples, classes)"
+            "must see the same batch and produce (samples, classes)"
         )
     ref = _as_logits(ref, "reference").astype(np.float64)
     cand = _as_logits(cand, "candidate").astype(np.float64)
     diff = np.abs(ref - cand)
+    cosine = _row_cosine(ref, cand)
     return LogitComparison(
         agreement=float(np.mean(ref.argmax(axis=1) == cand.argmax(axis=1))),
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
-        cosine=float(np.mean(_row_cosine(ref, cand))),
+        cosine=float(np.mean(cosine)),
+        min_cosine=float(np.min(cosine)),
     )

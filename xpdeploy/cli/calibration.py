@@ -2,8 +2,8 @@
 
 ``make`` draws a seeded, class-balanced sample of an image folder and writes its manifest (paths +
 sha256, see :mod:`xpdeploy.data.calibration`); ``check`` verifies that the images under a root still
-match a manifest. Errors follow :mod:`xpdeploy.cli`: one stderr line, exit code 1, no traceback.
-Registered on the main group with ``cli.add_command(calib)``; imports no torch.
+match a manifest. Errors follow :mod:`xpdeploy.cli.guard`: one stderr line, exit code 1, no
+traceback. Registered on the main group with ``cli.add_command(calib)``; imports no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from xpdeploy.cli_guard import guarded as _guarded
+from xpdeploy.cli.guard import guarded as _guarded
 from xpdeploy.errors import DataError
 
 if TYPE_CHECKING:

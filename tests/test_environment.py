@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 from collections.abc import Sequence
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from xpdeploy.report import environment as env_mod
-from xpdeploy.report.environment import (
+from xpdeploy import environment as env_mod
+from xpdeploy.environment import (
     MAX_PERFORMANCE_HINT,
     capture,
     device_fingerprint,
     fingerprint_id,
-    l4t_release,
     parse_jetson_clocks,
     parse_nvpmodel,
     sample_temperatures,
@@ -94,21 +94,16 @@ def _no_tensorrt_package(monkeypatch: pytest.MonkeyPatch) -> None:
     """Headers, not whatever this dev box has installed, decide TensorRT's version here."""
     monkeypatch.setattr(env_mod, "_package_version", lambda name: None)
 
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+
 
 def jetson_env(root: Path, nvp: str | None = NVP_MAXN, clocks: str | None = CLOCKS_LOCKED
                ) -> dict:
     run = runner({"nvpmodel": nvp, "jetson_clocks": clocks})
     return capture(jetson_tree(root), run, tools=lambda: dict(TOOLS))
-
-
-def test_l4t_release_parsed(tmp_path: Path) -> None:
-    assert l4t_release(tmp_path) is None
-    write(tmp_path / "etc/nv_tegra_release", TEGRA_RELEASE)
-    assert l4t_release(tmp_path) == "36.3.0"
-    write(tmp_path / "etc/nv_tegra_release", "# R35 (release), REVISION: 4.1, GCID: 1\n")
-    assert l4t_release(tmp_path) == "35.4.1"
-    write(tmp_path / "etc/nv_tegra_release", "garbage")
-    assert l4t_release(tmp_path) is None
 
 
 def test_nvpmodel_and_clock_parsing_is_defensive() -> None:

@@ -4,7 +4,7 @@ A **head**'s output is the slice of ``attn.proj``'s input that the head wrote (a
 before the heads are concatenated and projected); a **neuron**'s output is its channel of
 ``mlp.fc2``'s input (after the activation). Gating multiplies those inputs through forward
 pre-hooks on ``proj`` and ``fc2``: no parameter is renamed and no ``forward`` is replaced, so a
-gated model loads the same checkpoints as the plain one (method.md, "Units and masks").
+gated model loads the same checkpoints as the plain one (docs/method.md, "Units and masks").
 
 Families: timm's ``VisionTransformer`` (blocks in ``model.blocks``) and ``SwinTransformer``
 (blocks in ``model.layers[s].blocks``, every stage in order; window attention). A Swin block's

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from xpdeploy.report.environment import sample_temperatures
+from xpdeploy.environment import sample_temperatures
 
 #: Above this many degrees C during verify, the report warns that latencies may include
 #: throttling (Orin modules throttle from about 97 C junction; discrete GPUs from about 85 C, so

@@ -1,0 +1,43 @@
+"""Reading an exported ONNX file: one-line errors, its single image input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xpdeploy.errors import ExportError
+
+if TYPE_CHECKING:
+    import onnx
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text (at most 200 characters), else its type name."""
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load an ONNX file; anything unreadable is a one-line :class:`ExportError`."""
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # FileNotFoundError, protobuf DecodeError, ...
+        raise ExportError(
+            f"cannot read ONNX file {path}: {first_line(e)}; re-run export_onnx"
+        ) from None
+
+
+def image_input(model: onnx.ModelProto, path: Path) -> tuple[str, int | None, tuple[int, ...]]:
+    """(input name, static batch or None, (C, H, W)) of the model's single image input."""
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
+    if len(inputs) != 1 or len(dims) != 4 or not all(d.dim_value > 0 for d in dims[1:]):
+        raise ExportError(
+            f"{path.name} must have one (N, C, H, W) input with fixed C, H, W, has "
+            f"{[i.name for i in inputs]}; re-run export_onnx"
+        )
+    batch = dims[0].dim_value or None
+    return inputs[0].name, batch, tuple(d.dim_value for d in dims[1:])

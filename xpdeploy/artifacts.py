@@ -281,10 +281,6 @@ class ParityReport(Artifact):
     """Outcome of ``verify``: its truth value is the overall verdict."""
 
     file: str
-    reference_file: str = Field(
-        description="npz of the torch logits per source model (label -> (samples, classes)), "
-        "what the device side compares against"
-    )
     original_name: str
     original_runner: str
     original_top1: float | None
@@ -306,7 +302,7 @@ class ParityReport(Artifact):
     passed: bool
 
     def files(self) -> list[str]:
-        return [self.file, self.reference_file]
+        return [self.file]
 
     def __bool__(self) -> bool:
         return self.passed

@@ -41,9 +41,8 @@ pytestmark = pytest.mark.slow
 
 
 def _setup(bundled: BundledRun, tmp_path: Path):
-    manifest = open_bundle(bundled.tar, tmp_path / "bundle")
-    sources = engine_sources(manifest.outputs("simplify")["onnx"], source_models(manifest),
-                             prefix="bundle/")
+    manifest = open_bundle(bundled.tar, tmp_path)  # a bundle is a partial run folder
+    sources = engine_sources(manifest.outputs("simplify")["onnx"], source_models(manifest))
     pixels = np.random.default_rng(0).normal(size=(6, 3, 16, 16)).astype(np.float32)
     return manifest, sources, CalibrationSamples(pixels, "c" * 64)
 
@@ -52,7 +51,7 @@ def test_fp16_engines_of_both_models_with_build_files(bundled_run: BundledRun,  
                                                       tmp_path: Path) -> None:
     _, sources, _ = _setup(bundled_run, tmp_path)
     assert [s.label for s in sources] == ["original", "pruned"]
-    assert sources[0].onnx_file == "bundle/07_simplify/original.sim.onnx"
+    assert sources[0].onnx_file == "07_simplify/original.sim.onnx"
     assert sources[0].input_chw == (3, 16, 16) and sources[0].attention_blocks == 2
     backend = DeviceMemoryBackend("NVIDIA Orin", "8.7")
     trt, _ = make_ort_backed_trt(backend)

@@ -96,7 +96,6 @@ def make_parity(synthetic: bool = False) -> ParityReport:
     )
     return ParityReport(
         file="08_verify/parity.json",
-        reference_file="08_verify/reference_logits.npz",
         original_name="deit_tiny_patch16_224",
         original_runner="ort-cpu-fp32",
         original_top1=72.5,

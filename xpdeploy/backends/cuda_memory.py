@@ -70,12 +70,6 @@ class DeviceMemory:
         self._backend.htod_async(self, host, stream)
         self._backend.stream_sync(stream)
 
-    def copy_to_host(self, out: np.ndarray) -> None:
-        """Copy this buffer's first ``out.nbytes`` bytes into ``out`` and return when done."""
-        stream = self._backend.default_stream()
-        self._backend.dtoh_async(out, self, stream)
-        self._backend.stream_sync(stream)
-
     def free(self) -> None:
         """Release the allocation (idempotent)."""
         self._backend.free(self)

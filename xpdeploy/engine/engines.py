@@ -4,8 +4,8 @@ For each ONNX source (the original and the pruned model) and each engine precisi
 (:func:`~xpdeploy.engine.settings.build_precisions`: ``best`` is fp16 and int8):
 
 1. **host step** on the strongly typed path (TensorRT >= 10.12): fp16 is an ONNX graph cast on
-   the host (:func:`~xpdeploy.engine.host_precision.cast_fp16`), int8 a graph with Q/DQ nodes from
-   the calibration set (:func:`~xpdeploy.engine.host_precision.quantize_qdq`). The weak path
+   the host (:func:`~xpdeploy.export.fp16.cast_fp16`), int8 a graph with Q/DQ nodes from
+   the calibration set (:func:`~xpdeploy.export.qdq.quantize_qdq`). The weak path
    parses the fp32 file and sets precision with builder flags.
 2. one :class:`~xpdeploy.engine.settings.BuildSettings` per batch size or profile;
 3. the **engine cache** (when ``engine_cache`` is set) is asked for a plan built under exactly the
@@ -35,12 +35,14 @@ import numpy as np
 
 from xpdeploy.artifacts import EngineSet, OnnxModels, TorchModel, TrtEngine
 from xpdeploy.backends.trt_versions import TrtVersion, build_path, import_tensorrt, l4t_release
-from xpdeploy.engine import host_precision
 from xpdeploy.engine.builder import build_engine
 from xpdeploy.engine.cache import EngineCache, EngineKey
 from xpdeploy.engine.calibrator import CalibrationBatches, make_calibrator
 from xpdeploy.engine.settings import BuildSettings, BuiltPrecision, build_precisions, plan_builds
 from xpdeploy.errors import BuildError
+from xpdeploy.export.fp16 import cast_fp16
+from xpdeploy.export.graph import graph_precision
+from xpdeploy.export.qdq import quantize_qdq
 from xpdeploy.export.tensorrt_ops import op_types, parser_concerns
 from xpdeploy.fileio import sha256_file, write_bytes_atomic, write_text_atomic
 from xpdeploy.progress import format_duration, log
@@ -50,7 +52,7 @@ from xpdeploy.spec import BuildEngineConfig
 RUN_CACHE = "engine_cache"
 #: Images the host step's parity check runs (fp16 cast / Q/DQ graph vs the fp32 graph).
 HOST_PARITY_IMAGES = 8
-#: host_precision's calibration method for each implicit-calibrator kind of the config.
+#: quantize_qdq's calibration method for each implicit-calibrator kind of the config.
 _QDQ_METHOD = {"minmax": "minmax", "entropy2": "entropy"}
 
 
@@ -152,7 +154,7 @@ def build_engines(
                 source, precision, path, cfg, root, out_dir, calibration)
             planned = plan_builds(
                 cfg, version, source.input_name, source.input_chw, precision=precision,
-                graph_precision=host_precision.graph_precision(root / graph_file),
+                graph_precision=graph_precision(root / graph_file),
                 profiles=cfg.profiles, layernorm_fp32=cfg.layernorm_override())
             for settings in planned:
                 engines.append(_one_engine(
@@ -178,10 +180,10 @@ def _host_graph(
     dst = out_dir / "graphs" / f"{source.label}.{precision}.onnx"
     parity = calibration.pixels[:HOST_PARITY_IMAGES] if calibration is not None else None
     if precision == "fp16":
-        report = host_precision.cast_fp16(src, dst, parity_pixels=parity).as_dict()
+        report = cast_fp16(src, dst, parity_pixels=parity).as_dict()
     else:
         assert calibration is not None  # checked by build_engines
-        report = host_precision.quantize_qdq(
+        report = quantize_qdq(
             src, dst, calibration.pixels, method=_QDQ_METHOD[cfg.calibrator],  # type: ignore[arg-type]
             parity_pixels=parity).as_dict()
     return dst.relative_to(root).as_posix(), report
@@ -288,17 +290,12 @@ def _one_engine(
                      warnings=result.warnings)
 
 
-def engine_sources(
-    onnx: OnnxModels, models: Mapping[str, TorchModel], *, prefix: str = ""
-) -> list[EngineSource]:
-    """What to build from: every file of one ONNX stage's output, the original first.
-
-    ``prefix`` is prepended to the ONNX paths (a bundle extracted under the run folder).
-    """
+def engine_sources(onnx: OnnxModels, models: Mapping[str, TorchModel]) -> list[EngineSource]:
+    """What to build from: every file of one ONNX stage's output, the original first."""
     out = []
     for label, m in sorted(onnx.models.items(), key=lambda kv: kv[0] != "original"):
         source = models[label]
-        out.append(EngineSource(label, prefix + m.file, m.input_name,
+        out.append(EngineSource(label, m.file, m.input_name,
                                 tuple(source.data_config.input_size),
                                 len(source.arch.blocks) or None))
     return out

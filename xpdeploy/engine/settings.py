@@ -38,14 +38,12 @@ from xpdeploy.backends.trt_versions import (
     needs_layernorm_fp32,
 )
 from xpdeploy.errors import BuildError
+from xpdeploy.export.graph import GraphPrecision
 from xpdeploy.spec import BuildEngineConfig
 
 CalibratorKind = Literal["minmax", "entropy2"]
 #: The precision of one built engine (``best`` is a choice between two of them).
 BuiltPrecision = Literal["fp32", "fp16", "int8"]
-#: Precision the ONNX graph itself carries: plain fp32, cast to fp16 on the host, or fp32 with
-#: int8 Q/DQ nodes inserted on the host.
-GraphPrecision = Literal["fp32", "fp16", "int8"]
 
 _MIB = 1024 * 1024
 #: TensorRT's implicit (calibrator-based) int8 is deprecated from this version on; it still works.

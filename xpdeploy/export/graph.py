@@ -1,14 +1,18 @@
-"""Reading an exported ONNX file: one-line errors, its single image input."""
+"""Reading an exported ONNX file: one-line errors, its single image input, its precision."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from xpdeploy.errors import ExportError
 
 if TYPE_CHECKING:
     import onnx
+
+#: The precision an ONNX graph carries (what a strongly typed TensorRT build takes from it).
+GraphPrecision = Literal["fp32", "fp16", "int8"]
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 
 
 def first_line(e: BaseException) -> str:
@@ -41,3 +45,14 @@ def image_input(model: onnx.ModelProto, path: Path) -> tuple[str, int | None, tu
         )
     batch = dims[0].dim_value or None
     return inputs[0].name, batch, tuple(d.dim_value for d in dims[1:])
+
+
+def graph_precision(path: Path) -> GraphPrecision:
+    """The precision an ONNX file carries: "int8" when it has int8 Q/DQ nodes (:mod:`.qdq`),
+    "fp16" when any float initializer is float16 (:mod:`.fp16`), else "fp32"."""
+    model = load_onnx(path)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "int8"
+    if any(t.data_type == _FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"

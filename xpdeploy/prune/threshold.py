@@ -350,10 +350,6 @@ class GatedThresholds(nn.Module):
             return ([int((self.s_h[i] > self.theta_h[i]).sum()) for i in b],
                     [int((self.s_n[i] > self.theta_n[i]).sum()) for i in b])
 
-    def hard_macs(self) -> float:
-        """MACs per image of the units with ``s > theta`` (the deployed structure now)."""
-        return float(self.mac_model.macs(*self.hard_counts()))
-
 
 def _ceiling(scores: torch.Tensor, floor: int) -> float:
     """The highest threshold that still keeps ``floor`` of ``scores`` (kept: ``s > theta``): a

@@ -164,8 +164,7 @@ def run(
         log(f"  precision best, {choice.source} {choice.batch}: {choice.reason}")
     path = ctx.stage_dir / "parity.json"
     report = ParityReport(
-        file=ctx.rel(path), reference_file=reference.file,
-        original_name=model.label, original_runner=original_runner,
+        file=ctx.rel(path), original_name=model.label, original_runner=original_runner,
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
         threads=threads, candidates=results, choices=choices,

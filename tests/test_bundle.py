@@ -195,3 +195,15 @@ def test_cli_prints_summary_and_continuation(bundled_run: BundledRun, tmp_path: 
     missing = CliRunner().invoke(bundle_cmd, [str(tmp_path / "nope"), "-o", str(out)])
     assert missing.exit_code == 1
     assert missing.output.count("\n") == 1 and "error:" in missing.output
+
+
+@pytest.mark.parametrize("fmt, fix", [(1, "make it again with this xpdeploy"),
+                                      (99, "upgrade xpdeploy on the device")])
+def test_a_bundle_of_another_format_is_refused_with_the_fix(bundled_run: BundledRun,
+                                                            tmp_path: Path, fmt: int,
+                                                            fix: str) -> None:
+    opened = open_bundle(bundled_run.tar, tmp_path / "x")
+    data = json.loads((tmp_path / "x" / BUNDLE_JSON).read_text())
+    (tmp_path / "x" / BUNDLE_JSON).write_text(json.dumps({**data, "format": fmt}))
+    with pytest.raises(DataError, match=f"has format {fmt}, .* reads format 2; {fix}"):
+        read_bundle(opened.root)  # type: ignore[arg-type]

@@ -367,15 +367,17 @@ def read_bundle(root: str | Path, *, names: list[str] | None = None) -> BundleMa
     root = Path(root)
     path = root / BUNDLE_JSON
     try:
-        manifest = BundleManifest.model_validate_json(path.read_bytes())
+        data = json.loads(path.read_bytes())
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if fmt != BUNDLE_FORMAT and isinstance(fmt, int):
+            fix = ("upgrade xpdeploy on the device" if fmt > BUNDLE_FORMAT else
+                   "make it again with this xpdeploy (xpdeploy bundle RUN_DIR)")
+            raise DataError(f"bundle {root} has format {fmt}, this xpdeploy {__version__} reads "
+                            f"format {BUNDLE_FORMAT}; {fix}")
+        manifest = BundleManifest.model_validate(data)
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:200]
         raise DataError(f"{path} is missing or invalid ({reason}); make the bundle again") from None
-    if manifest.format > BUNDLE_FORMAT:
-        raise DataError(
-            f"bundle {root} has format {manifest.format}, this xpdeploy {__version__} reads up to "
-            f"{BUNDLE_FORMAT}; upgrade xpdeploy on the device"
-        )
     listed = set(manifest.member_paths())
     extra = sorted(set(names or ()) - listed - {BUNDLE_JSON})
     if extra:

@@ -205,3 +205,43 @@ def test_the_allocation_moves_to_the_block_whose_units_matter(setup, loss: str) 
     assert start[0] < start[1]  # where the scores put it
     assert end[0] > start[0] + 20 and end[1] < start[1] - 20, (start, end)
     assert result.keep.mlp_widths[0] > result.keep.mlp_widths[1]
+
+
+class _Interrupting:
+    """Re-iterable batches that raise KeyboardInterrupt at the ``stop``-th batch drawn."""
+
+    def __init__(self, batches: list, stop: int) -> None:
+        self.batches, self.stop, self.drawn = batches, stop, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn += 1
+            if self.drawn == self.stop:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_an_interrupted_search_resumes_from_its_checkpoint(setup, tmp_path) -> None:
+    """Killed after step 30 (checkpoint at 25): the rerun restores thresholds, optimiser,
+    multipliers and history from training.checkpoint and ends exactly where an uninterrupted
+    search ends; a checkpoint of another fingerprint is ignored."""
+    from xpdeploy.prune.threshold import CHECKPOINT_EVERY
+
+    macs, scores, batches = setup
+    cfg = ThresholdConfig(steps=40, budget="lagrangian")
+    target = 0.5 * macs.original
+    reference = threshold_search(_model(), scores, macs, batches, cfg, target, EXACT)
+    ckpt = tmp_path / "threshold.pt"
+    with pytest.raises(KeyboardInterrupt):
+        threshold_search(_model(), scores, macs, _Interrupting(batches, 31), cfg, target, EXACT,
+                         checkpoint=ckpt, fingerprint="f")
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] == CHECKPOINT_EVERY
+    resumed = threshold_search(_model(), scores, macs, batches, cfg, target, EXACT,
+                               checkpoint=ckpt, fingerprint="f")
+    assert resumed.thresholds == reference.thresholds
+    assert [h["R"] for h in resumed.history] == [h["R"] for h in reference.history]
+    assert [k.tolist() for k in resumed.keep.neurons + resumed.keep.heads] == [
+        k.tolist() for k in reference.keep.neurons + reference.keep.heads]
+    other = threshold_search(_model(), scores, macs, batches, cfg, target, EXACT,
+                             checkpoint=ckpt, fingerprint="another config")
+    assert other.thresholds == reference.thresholds and len(other.history) == cfg.steps

@@ -70,6 +70,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,10 +80,14 @@ from torch import nn
 from xpdeploy import distributed
 from xpdeploy.errors import PruneError
 from xpdeploy.models.unit_sites import gated_units, unit_sites
-from xpdeploy.progress import progress
+from xpdeploy.progress import log, progress
 from xpdeploy.prune.planner import PlanConstraints, repair_to_budget, smallest_macs
 from xpdeploy.prune.unit_scores import KeepSets, UnitScores
+from xpdeploy.training import checkpoint as ckpt
 from xpdeploy.training.precision import autocast, autocast_dtype
+
+#: Steps between checkpoints of the search (each a few KiB without backbone adaptation).
+CHECKPOINT_EVERY = 25
 
 if TYPE_CHECKING:
     from xpdeploy.prune.mac_model import MacModel
@@ -389,6 +394,8 @@ def threshold_search(
     *,
     seed: int = 0,
     initial: tuple[float, float] | None = None,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
 ) -> ThresholdResult:
     """Learn per-(block, type) thresholds under the MAC budget, then repair to the exact budget.
 
@@ -402,6 +409,9 @@ def threshold_search(
     a short adaptation should not shrink the weights) **in place**, and ``backbone_adapted`` is
     True. ``seed`` seeds torch (the data order is the caller's). Collective under torchrun, with
     ``batches`` this rank's shard (module docstring); every rank gets the same result.
+    ``checkpoint``: a file (:mod:`xpdeploy.training.checkpoint`, tied to ``fingerprint``) written
+    every :data:`CHECKPOINT_EVERY` steps; an interrupted search resumes from it (the batches
+    already drawn are drawn again and skipped, so the data order is the uninterrupted run's).
     """
     import torch.nn.functional as F
 
@@ -438,6 +448,18 @@ def threshold_search(
     reference_model = copy.deepcopy(model) if cfg.loss == "kl" and adapt else model
     beta = gamma = 0.0
     history: list[dict[str, Any]] = []
+    start = 0
+    saved = ckpt.load(checkpoint, fingerprint) if checkpoint is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            search.theta_h.copy_(saved["theta_h"])
+            search.theta_n.copy_(saved["theta_n"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if backbone_opt is not None:
+            model.load_state_dict(saved["backbone"])
+            backbone_opt.load_state_dict(saved["backbone_optimizer"])
+        beta, gamma, history, start = saved["beta"], saved["gamma"], saved["history"], saved["step"]
+        log(f"  threshold search: resuming at step {start} of {cfg.steps} from {checkpoint}")
     try:
         ddp = distributed.wrap_ddp(search)
         with progress(cfg.steps, "threshold") as advance, gated_units(
@@ -445,7 +467,10 @@ def threshold_search(
             neurons=lambda b: search.gates["neurons"][b],
         ):
             data = _batches_forever(batches, cfg.steps)
-            for step in range(cfg.steps):
+            for _ in range(start):  # the batches the checkpointed steps used
+                next(data)
+            advance(start)
+            for step in range(start, cfg.steps):
                 x, y = next(data)
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 n = sharpness(step, cfg.steps, cfg.sharpness_start, cfg.sharpness_end)
@@ -500,6 +525,16 @@ def threshold_search(
                     beta += cfg.multiplier_lr * g**2
                     gamma += cfg.multiplier_lr * g
                 advance(ce=history[-1]["ce"], R=history[-1]["R"])
+                if checkpoint is not None and (step + 1) % CHECKPOINT_EVERY == 0:
+                    ckpt.save(checkpoint, {
+                        "fingerprint": fingerprint, "step": step + 1,
+                        "theta_h": search.theta_h.detach().cpu(),
+                        "theta_n": search.theta_n.detach().cpu(),
+                        "optimizer": optimizer.state_dict(), "beta": beta, "gamma": gamma,
+                        "history": history,
+                        **({"backbone": model.state_dict(),
+                            "backbone_optimizer": backbone_opt.state_dict()}
+                           if backbone_opt is not None else {})})
     finally:
         search.gates["heads"], search.gates["neurons"] = [], []
         for p, f in zip(params, flags, strict=True):

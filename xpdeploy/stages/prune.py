@@ -136,7 +136,9 @@ def _threshold_plan(ctx: Ctx, net: nn.Module, model: TorchModel, masks: MaskSet 
                                world_size=distributed.world_size())
     net.to(distributed.device())  # DDP over NCCL needs the model on this rank's GPU
     result = threshold_search(net, scores.normalized(cfg.normalize), macs, batches,
-                              cfg.threshold, target, constraints, seed=spec.seed)
+                              cfg.threshold, target, constraints, seed=spec.seed,
+                              checkpoint=ctx.stage_dir / "checkpoints" / "threshold.pt",
+                              fingerprint=ctx.fingerprint)
     net.to("cpu")
     return result.keep, {"thresholds": result.thresholds, "threshold_history": result.history,
                          "alpha": result.alpha, "backbone_adapted": result.backbone_adapted}

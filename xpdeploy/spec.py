@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xpdeploy.errors import ConfigError
 
@@ -56,10 +64,16 @@ class ContentDigest:
     kind: Literal["file", "calibration"]
 
 
+def _expand_home(v: Path | None) -> Path | None:
+    return v.expanduser() if v is not None else v
+
+
+#: A path where ``~`` means the home folder.
+UserPath = Annotated[Path | None, AfterValidator(_expand_home)]
 #: A path whose file's bytes enter the fingerprint of the stages that read it.
-InputFile = Annotated[Path | None, ContentDigest("file")]
+InputFile = Annotated[Path | None, AfterValidator(_expand_home), ContentDigest("file")]
 #: A calibration manifest: its text and the images it lists enter the fingerprint.
-CalibrationFile = Annotated[Path | None, ContentDigest("calibration")]
+CalibrationFile = Annotated[Path | None, AfterValidator(_expand_home), ContentDigest("calibration")]
 
 
 class Section(BaseModel):
@@ -77,11 +91,6 @@ class ModelConfig(Section):
     )
     pretrained: bool = Field(False, description="download timm's pretrained weights (network)")
     checkpoint: InputFile = Field(None, description="a .pth/.pt/.safetensors state dict")
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _expand_home(cls, v: Path | None) -> Path | None:
-        return v.expanduser() if v is not None else v
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> ModelConfig:
@@ -104,7 +113,7 @@ class DataConfigSection(Section):
     """Where images come from. ``synthetic`` is for smoke runs: it yields no accuracy figure."""
 
     source: Literal["imagefolder", "digits", "synthetic"]
-    root: Path | None = Field(None, description="imagefolder: folder holding the split folders")
+    root: UserPath = Field(None, description="imagefolder: folder holding the split folders")
     train_dir: str = "train"
     val_dir: str = "val"
     val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: share held out for val")
@@ -114,11 +123,6 @@ class DataConfigSection(Section):
     batch_size: int = Field(64, gt=0, description="evaluation batch size")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-
-    @field_validator("root")
-    @classmethod
-    def _expand_home(cls, v: Path | None) -> Path | None:
-        return v.expanduser() if v is not None else v
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> DataConfigSection:
@@ -454,12 +458,12 @@ class BuildEngineConfig(Section):
         "auto",
         description="pin LayerNorm layers to fp32: auto = where the TensorRT version needs it",
     )
-    timing_cache: Path | None = Field(
+    timing_cache: UserPath = Field(
         None,
         description="TensorRT timing cache file, read before and written after each build; "
         "default: a per-device file in the run folder",
     )
-    engine_cache: Path | None = Field(
+    engine_cache: UserPath = Field(
         None,
         description="folder of built engines reused when ONNX digest, TensorRT version, device, "
         "precision, profiles and calibration digest all match; null: the run folder's own "
@@ -496,11 +500,6 @@ class BuildEngineConfig(Section):
                     f"profile [{lo}, {mid}, {hi}] needs 0 < min <= opt <= max (batch, images)"
                 )
         return v
-
-    @field_validator("timing_cache", "engine_cache")
-    @classmethod
-    def _expand_home(cls, v: Path | None) -> Path | None:
-        return v.expanduser() if v is not None else v
 
     def layernorm_override(self) -> bool | None:
         """``layernorm_fp32`` as :func:`~xpdeploy.engine.settings.plan_builds` takes it.

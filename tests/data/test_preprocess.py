@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.data import CFG
-from xpdeploy.data.preprocess import preprocess_array, preprocess_image, to_rgb
+from xpdeploy.data.preprocess import preprocess_image, to_rgb
 from xpdeploy.errors import DataError
 
 
@@ -115,23 +115,6 @@ def test_two_calls_are_byte_identical() -> None:
 def test_every_interpolation(interpolation: str) -> None:
     cfg = CFG.model_copy(update={"interpolation": interpolation})
     assert preprocess_image(Image.fromarray(_rgb(8, 8)), cfg).shape == (3, 32, 32)
-
-
-def test_preprocess_array_matches_per_image() -> None:
-    rgb = np.stack([_rgb(16, 20, seed=s) for s in range(3)])
-    out = preprocess_array(rgb, CFG)
-    assert out.shape == (3, 3, 32, 32) and out.dtype == np.float32
-    for i in range(3):
-        assert out[i].tobytes() == preprocess_image(Image.fromarray(rgb[i]), CFG).tobytes()
-    grey = rgb[..., 0]
-    assert preprocess_array(grey, CFG).shape == (3, 3, 32, 32)
-
-
-def test_preprocess_array_rejects_wrong_input() -> None:
-    with pytest.raises(DataError, match=r"expected uint8 images .* got float64 \(2, 8, 8, 3\)"):
-        preprocess_array(np.zeros((2, 8, 8, 3)), CFG)
-    with pytest.raises(DataError, match=r"got uint8 \(2, 8, 8, 4\)"):
-        preprocess_array(np.zeros((2, 8, 8, 4), dtype=np.uint8), CFG)
 
 
 def test_wrong_channel_count_is_refused() -> None:

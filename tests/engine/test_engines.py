@@ -28,8 +28,8 @@ from tests.test_bundle import BundledRun, bundled_run, source_models  # noqa: F4
 from xpdeploy.artifacts import EngineSet
 from xpdeploy.bundle import open_bundle
 from xpdeploy.cli import cli
+from xpdeploy.data.calibration import CalibrationBatch
 from xpdeploy.engine.engines import (
-    CalibrationSamples,
     DeviceInfo,
     build_engines,
     engine_sources,
@@ -44,7 +44,7 @@ def _setup(bundled: BundledRun, tmp_path: Path):
     manifest = open_bundle(bundled.tar, tmp_path)  # a bundle is a partial run folder
     sources = engine_sources(manifest.outputs("simplify")["onnx"], source_models(manifest))
     pixels = np.random.default_rng(0).normal(size=(6, 3, 16, 16)).astype(np.float32)
-    return manifest, sources, CalibrationSamples(pixels, "c" * 64)
+    return manifest, sources, CalibrationBatch(pixels, [], "c" * 64)
 
 
 def test_fp16_engines_of_both_models_with_build_files(bundled_run: BundledRun,  # noqa: F811
@@ -87,7 +87,7 @@ def test_engine_cache_reuses_only_the_same_key(bundled_run: BundledRun,  # noqa:
     cfg = BuildEngineConfig(precision="int8", calibration=Path("c.txt"),
                             calibration_batch_size=4, engine_cache=tmp_path / "cache")
 
-    def build(out: str, calibration: CalibrationSamples, device: DeviceMemoryBackend = backend):
+    def build(out: str, calibration: CalibrationBatch, device: DeviceMemoryBackend = backend):
         trt, _ = make_ort_backed_trt(device)
         es = build_engines(sources[:1], cfg, tmp_path, tmp_path / out, backend=device,
                            calibration=calibration, trt_module=trt, say=lambda m: None)
@@ -101,7 +101,7 @@ def test_engine_cache_reuses_only_the_same_key(bundled_run: BundledRun,  # noqa:
     assert again.engines[0].cache_hit and builds == []
     assert (tmp_path / again.engines[0].file).read_bytes() == (tmp_path / e.file).read_bytes()
     # Another calibration set, another GPU: new keys, new builds.
-    other = CalibrationSamples(calib.pixels, "d" * 64)
+    other = CalibrationBatch(calib.pixels, [], "d" * 64)
     assert not build("c", other)[0].engines[0].cache_hit
     assert not build("d", calib, DeviceMemoryBackend("Other GPU", "9.0"))[0].engines[0].cache_hit
 

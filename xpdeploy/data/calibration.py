@@ -552,17 +552,13 @@ def load_configured(
     return pixels, manifest
 
 
-def load_for_engine(path: str | Path, data_config: DataConfig) -> tuple[np.ndarray, str]:
-    """``build_engine.calibration`` as (pixels, digest of the manifest they came from).
-
-    ``path`` is a manifest (its images are preprocessed with ``data_config``) or, in a device
-    bundle, the ``.npz`` of already preprocessed batches (:func:`save_npz`).
-    """
+def load_for_engine(path: str | Path, data_config: DataConfig) -> CalibrationBatch:
+    """``build_engine.calibration`` as preprocessed batches: from a manifest (its images are
+    preprocessed with ``data_config``) or, in a device bundle, the ``.npz`` of :func:`save_npz`."""
     if Path(path).suffix == ".npz":
-        batch = load_npz(path)
-        return batch.pixels, batch.manifest_sha256
+        return load_npz(path)
     pixels, manifest = load_configured(path, data_config)
-    return pixels, manifest.digest()
+    return CalibrationBatch(pixels, [e.path for e in manifest.entries], manifest.digest())
 
 
 # --------------------------------------------------------------------------------------------------

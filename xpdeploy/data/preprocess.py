@@ -133,25 +133,3 @@ def normalize(hwc: np.ndarray, cfg: DataConfig) -> np.ndarray:
     x = hwc.astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def preprocess_array(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """uint8 images (N, H, W) grey or (N, H, W, 3) RGB -> float32 (N, 3, H', W') model input.
-
-    Each image goes through Pillow and :func:`preprocess_image`, so arrays and image files give the
-    same bytes.
-    """
-    images = np.asarray(images)
-    grey = images.ndim == 3
-    rgb = images.ndim == 4 and images.shape[-1] == 3
-    if images.dtype != np.uint8 or not (grey or rgb):
-        raise DataError(
-            f"expected uint8 images shaped (N, H, W) or (N, H, W, 3), got {images.dtype} "
-            f"{images.shape}; convert them with np.asarray(images, dtype=np.uint8)"
-        )
-    _check_config(cfg)
-    _, out_h, out_w = cfg.input_size
-    out = np.empty((len(images), 3, out_h, out_w), dtype=np.float32)
-    for i, image in enumerate(images):
-        out[i] = preprocess_image(Image.fromarray(np.ascontiguousarray(image)), cfg)
-    return out

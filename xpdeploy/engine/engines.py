@@ -29,9 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from xpdeploy.artifacts import EngineSet, OnnxModels, TorchModel, TrtEngine
 from xpdeploy.backends.trt_versions import TrtVersion, build_path, import_tensorrt, l4t_release
@@ -47,6 +45,9 @@ from xpdeploy.export.tensorrt_ops import op_types, parser_concerns
 from xpdeploy.fileio import sha256_file, write_bytes_atomic, write_text_atomic
 from xpdeploy.progress import format_duration, log
 from xpdeploy.spec import BuildEngineConfig
+
+if TYPE_CHECKING:
+    from xpdeploy.data.calibration import CalibrationBatch
 
 #: The engine cache of a run folder when the pipeline names none (relative to the run folder).
 RUN_CACHE = "engine_cache"
@@ -65,17 +66,6 @@ class EngineSource:
     input_name: str
     input_chw: tuple[int, ...]  # model input without the batch axis, e.g. (3, 224, 224)
     attention_blocks: int | None = None  # transformer depth, for the fused-attention check
-
-
-@dataclass(frozen=True)
-class CalibrationSamples:
-    """Preprocessed int8 calibration pixels and the digest that names them in cache keys."""
-
-    pixels: np.ndarray  # float32 (N, 3, H, W)
-    sha256: str  # digest of the calibration manifest they were made from
-
-    def __len__(self) -> int:
-        return len(self.pixels)
 
 
 @dataclass(frozen=True)
@@ -111,7 +101,7 @@ def build_engines(
     out_dir: Path,
     *,
     backend: Any,
-    calibration: CalibrationSamples | None = None,
+    calibration: CalibrationBatch | None = None,
     trt_module: ModuleType | None = None,
     nv_tegra_release: str | Path = "/etc/nv_tegra_release",
     say: Callable[[str], None] = log,
@@ -171,7 +161,7 @@ def _host_graph(
     cfg: BuildEngineConfig,
     root: Path,
     out_dir: Path,
-    calibration: CalibrationSamples | None,
+    calibration: CalibrationBatch | None,
 ) -> tuple[str, dict[str, Any] | None]:
     """The ONNX file TensorRT parses for ``precision`` and what the host step did (or None)."""
     if path == "weak" or precision == "fp32":
@@ -214,7 +204,7 @@ def _one_engine(
     device: DeviceInfo,
     cache: EngineCache,
     timing_cache: Path,
-    calibration: CalibrationSamples | None,
+    calibration: CalibrationBatch | None,
     cfg: BuildEngineConfig,
     backend: Any,
     say: Callable[[str], None],
@@ -227,7 +217,8 @@ def _one_engine(
         device_name=device.name, compute_capability=device.compute_capability,
         l4t_release=device.l4t_release, precision=_key_precision(settings),
         profiles=(settings.profile.as_tuple(),),
-        calibration_sha256=calibration.sha256 if int8 and calibration is not None else None,
+        calibration_sha256=(calibration.manifest_sha256
+                            if int8 and calibration is not None else None),
     )
     plan_path = out_dir / "engines" / f"{name}.plan"
     log_path = out_dir / "logs" / f"{name}.log"
@@ -256,7 +247,7 @@ def _one_engine(
         batches = CalibrationBatches(calibration.pixels, cfg.calibration_batch_size)
         cal_cache = (out_dir / "calibration" /
                      f"{source.label}.{settings.calibrator}.{key.onnx_sha256[:12]}."
-                     f"{calibration.sha256[:12]}.b{batches.batch_size}.cache")
+                     f"{calibration.manifest_sha256[:12]}.b{batches.batch_size}.cache")
         cal_cache.parent.mkdir(parents=True, exist_ok=True)
         calibrator = make_calibrator(settings.calibrator, batches, cal_cache, backend.alloc,
                                      trt_module=trt)

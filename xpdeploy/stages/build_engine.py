@@ -49,7 +49,7 @@ def run(
         return {"engines": EngineSet(deferred=True, reason=reason, precision=cfg.precision)}
 
     from xpdeploy.backends.cuda_memory import load_backend
-    from xpdeploy.engine.engines import CalibrationSamples, build_engines, engine_sources
+    from xpdeploy.engine.engines import build_engines, engine_sources
 
     models = {m.label: m for m in (model, pruned) if m is not None}
     sources = engine_sources(simplified or onnx, models)
@@ -57,7 +57,7 @@ def run(
     if cfg.calibration is not None:
         from xpdeploy.data.calibration import load_for_engine
 
-        calibration = CalibrationSamples(*load_for_engine(cfg.calibration, model.data_config))
+        calibration = load_for_engine(cfg.calibration, model.data_config)
     with load_backend() as backend:
         engines = build_engines(sources, cfg, ctx.run_dir, ctx.stage_dir, backend=backend,
                                 calibration=calibration)

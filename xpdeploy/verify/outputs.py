@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from xpdeploy.backends.runner import Runner
+from xpdeploy.data.verify_set import iter_batches
 
 
 def infer_all(
@@ -13,8 +14,7 @@ def infer_all(
     """Logits for every row of ``pixels``; with ``fixed_batch`` the last batch is zero-padded
     (for static-batch engines) and the padding rows are dropped from the result."""
     outputs = []
-    for start in range(0, len(pixels), batch_size):
-        chunk = np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)
+    for chunk in iter_batches(pixels, batch_size):
         rows = len(chunk)
         if fixed_batch and rows < batch_size:
             pad = np.zeros((batch_size - rows, *chunk.shape[1:]), dtype=np.float32)

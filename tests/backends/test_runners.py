@@ -11,7 +11,7 @@ import torch
 from tests.conftest import TINY_MODEL
 from xpdeploy.artifacts import TorchModel
 from xpdeploy.backends.ort_runner import OrtRunner
-from xpdeploy.backends.runner import Runner
+from xpdeploy.backends.runner import Runner, infer_all, iter_batches
 from xpdeploy.backends.torch_runner import TorchRunner
 from xpdeploy.errors import MissingDependencyError
 from xpdeploy.export.onnx_export import export_onnx
@@ -19,7 +19,6 @@ from xpdeploy.models.arch import describe_arch, save_model
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
 from xpdeploy.spec import ModelConfig, PreprocessConfig
-from xpdeploy.verify.outputs import infer_all
 
 
 def test_torch_and_ort_runners_agree(tmp_path: Path) -> None:
@@ -62,3 +61,14 @@ def test_ort_cuda_provider_matches_cpu(tmp_path: Path) -> None:
     ) as gpu:
         assert gpu.name == "ort-cuda-fp32"
         np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3)
+
+
+def test_iter_batches() -> None:
+    pixels = np.arange(7 * 3 * 2 * 2, dtype=np.float32).reshape(7, 3, 2, 2)
+    batches = list(iter_batches(pixels, 3))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert all(b.flags.c_contiguous and b.dtype == np.float32 for b in batches)
+    assert np.concatenate(batches).tobytes() == pixels.tobytes()
+    assert batches[0].base is pixels or np.shares_memory(batches[0], pixels)  # no copy
+    with pytest.raises(ValueError, match="positive"):
+        next(iter_batches(pixels, 0))

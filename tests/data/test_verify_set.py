@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpdeploy.data.verify_set import iter_batches, load_verify_set, save_verify_set, select_indices
+from xpdeploy.data.verify_set import load_verify_set, save_verify_set, select_indices
 from xpdeploy.errors import DataError
 
 
@@ -123,14 +123,3 @@ def test_selection_caps_at_available() -> None:
     assert select_indices(labels, 100, seed=0).tolist() == [0, 1, 2]
     assert select_indices(labels, 0, seed=0).tolist() == []
     assert select_indices(np.array([], dtype=np.int64), 5, seed=0).tolist() == []
-
-
-def test_iter_batches() -> None:
-    pixels = np.arange(7 * 3 * 2 * 2, dtype=np.float32).reshape(7, 3, 2, 2)
-    batches = list(iter_batches(pixels, 3))
-    assert [len(b) for b in batches] == [3, 3, 1]
-    assert all(b.flags.c_contiguous and b.dtype == np.float32 for b in batches)
-    assert np.concatenate(batches).tobytes() == pixels.tobytes()
-    assert batches[0].base is pixels or np.shares_memory(batches[0], pixels)  # no copy
-    with pytest.raises(ValueError, match="positive"):
-        next(iter_batches(pixels, 0))

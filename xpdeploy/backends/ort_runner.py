@@ -64,6 +64,7 @@ class OrtRunner:
         threads: int | None = None,
         provider: str = "CPUExecutionProvider",
         input_name: str = "pixels",
+        optimize: bool = True,
     ) -> None:
         short = provider.removesuffix("ExecutionProvider").lower()
         self.name = f"ort-{short}-fp32"
@@ -71,10 +72,12 @@ class OrtRunner:
         self._threads = threads
         self._provider = provider
         self._input_name = input_name
+        self._optimize = optimize  # False: graph fusion off (see ort_session)
         self._session: Any = None
 
     def __enter__(self) -> OrtRunner:
-        self._session = ort_session(self._path, provider=self._provider, threads=self._threads)
+        self._session = ort_session(self._path, provider=self._provider, threads=self._threads,
+                                    optimize=self._optimize)
         return self
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ numpy only: this module runs on torch-free device machines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +103,3 @@ def load_verify_set(path: str | Path) -> VerifyBatch:
             f"expected (N, 3, H, W) and (N,); {fix}"
         )
     return VerifyBatch(pixels, labels, source, synthetic, class_names)
-
-
-def iter_batches(pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Consecutive slices of at most ``batch_size`` samples, float32 and C-contiguous (no copy when
-    ``pixels`` already is); the last one may be shorter."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    for start in range(0, len(pixels), batch_size):
-        yield np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)

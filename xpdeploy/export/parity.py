@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xpdeploy.backends.ort_runner import ort_session
-from xpdeploy.backends.runner import Runner
+from xpdeploy.backends.ort_runner import OrtRunner
+from xpdeploy.backends.runner import Runner, infer_all
 from xpdeploy.errors import ExportError, MissingDependencyError
 from xpdeploy.export.graph import first_line, image_input, load_onnx
 from xpdeploy.logits import compare_logits
@@ -58,19 +58,14 @@ def measure_parity(reference: Path, candidate: Path, pixels: np.ndarray) -> Pari
 def _run(path: Path, pixels: np.ndarray) -> np.ndarray:
     """Outputs of ``path`` for ``pixels``; a static-batch model runs in padded chunks."""
     input_name, static_batch, _ = image_input(load_onnx(path), path)
-    try:
-        session = ort_session(path, optimize=False)
+    try:  # fusion off: Q/DQ pairs run as exact fake quantization (ort_session says why)
+        runner = OrtRunner(path, input_name=input_name, optimize=False).__enter__()
     except MissingDependencyError:
         raise
     except Exception as e:
         raise ExportError(f"onnxruntime cannot load {path.name}: {first_line(e)}") from None
-    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    step = static_batch or len(pixels)
-    outs = []
-    for i in range(0, len(pixels), step):
-        chunk = pixels[i:i + step]
-        real = len(chunk)
-        if real < step:
-            chunk = np.concatenate([chunk, np.zeros((step - real, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(session.run(None, {input_name: chunk})[0][:real])
-    return np.concatenate(outs)
+    try:
+        return infer_all(runner, pixels, static_batch or len(pixels),
+                         fixed_batch=static_batch is not None)
+    finally:
+        runner.__exit__()

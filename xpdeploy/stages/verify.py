@@ -31,7 +31,7 @@ from xpdeploy.artifacts import (
     VerifySet,
 )
 from xpdeploy.backends.ort_runner import OrtRunner
-from xpdeploy.backends.runner import Runner
+from xpdeploy.backends.runner import Runner, infer_all
 from xpdeploy.data.npz import read_npz, write_npz
 from xpdeploy.data.verify_set import VerifyBatch, load_verify_set
 from xpdeploy.fileio import write_json_atomic
@@ -48,7 +48,6 @@ from xpdeploy.verify.accelerators import (
     verdict,
 )
 from xpdeploy.verify.candidates import Candidate, evaluate_plan
-from xpdeploy.verify.outputs import infer_all
 
 #: Torch logits of every source model on the verify set (the device bundle carries them).
 REFERENCE_LOGITS = "reference_logits.npz"

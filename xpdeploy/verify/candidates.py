@@ -8,14 +8,13 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from xpdeploy.artifacts import CandidateResult, GateResult, TorchModel
-from xpdeploy.backends.runner import Runner
+from xpdeploy.backends.runner import Runner, infer_all
 from xpdeploy.data.verify_set import VerifyBatch
 from xpdeploy.logits import compare_logits, top1
 from xpdeploy.progress import log
 from xpdeploy.spec import GatesConfig, VerifyConfig
 from xpdeploy.verify.gates import evaluate_gates
 from xpdeploy.verify.latency import latency_stats, measure_interleaved
-from xpdeploy.verify.outputs import infer_all
 from xpdeploy.verify.thermal import TemperatureSampler
 
 

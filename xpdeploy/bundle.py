@@ -157,8 +157,9 @@ def _require_manifest(folder: RunFolder, stage: str) -> dict[str, Any]:
     return manifest
 
 
-def _checked_outputs(folder: RunFolder, stage: str) -> dict[str, Artifact]:
-    """The stage's artifacts, after checking that their files still have the recorded digests."""
+def _checked_outputs(folder: RunFolder, stage: str) -> tuple[dict[str, Any], dict[str, Artifact]]:
+    """The stage's manifest and artifacts, after checking that their files still have the
+    recorded digests."""
     manifest = _require_manifest(folder, stage)
     outputs = folder.current_outputs(stage, manifest.get("fingerprint", ""))
     if outputs is None:
@@ -167,7 +168,7 @@ def _checked_outputs(folder: RunFolder, stage: str) -> dict[str, Artifact]:
             f"removed, or an older xpdeploy wrote it); rerun it with {_finish_hint(folder.root)} "
             f"--from {stage} --force"
         )
-    return outputs
+    return manifest, outputs
 
 
 def _check_verify_inputs(folder: RunFolder, verify: dict[str, Any],
@@ -244,20 +245,20 @@ def make_bundle(
     host = [s for s in stages if STAGE_ORDER.index(s) < STAGE_ORDER.index(DEVICE_STAGES[0])]
     for stage in ("load", "export_onnx", *host, "verify"):
         _require_manifest(folder, stage)
-    recorded = {}
+    manifests, outputs = {}, {}
     for stage in host:
-        manifest = folder.read_manifest(stage) or {"outputs": {}}
-        recorded[stage] = {name: RecordedOutput.model_validate(entry)
-                           for name, entry in manifest["outputs"].items()}
-    outputs = {stage: _checked_outputs(folder, stage) for stage in host}
-    verify = _checked_outputs(folder, "verify")
+        manifests[stage], outputs[stage] = _checked_outputs(folder, stage)
+    recorded = {stage: {name: RecordedOutput.model_validate(entry)
+                        for name, entry in manifest["outputs"].items()}
+                for stage, manifest in manifests.items()}
+    verify_manifest, verify = _checked_outputs(folder, "verify")
     reference = verify.get("reference")
     if not isinstance(reference, ReferenceLogits):
         raise RunFolderError(
             f"stage 'verify' in {folder.root} was run by an older xpdeploy (no reference logits "
             f"artifact); rerun it with {_finish_hint(folder.root)} --from verify --force"
         )
-    _check_verify_inputs(folder, folder.read_manifest("verify") or {"inputs": {}}, recorded)
+    _check_verify_inputs(folder, verify_manifest, recorded)
     packed = [RESOLVED_PIPELINE, *outputs["load"]["verify_set"].files()]
     for stage in ("export_onnx", "simplify"):
         packed += [f for a in outputs.get(stage, {}).values() for f in a.files()]

@@ -66,8 +66,9 @@ def settings(spec: PipelineSpec) -> Settings:
 
 def _torch_reference(ctx: StageContext[Settings], sources: dict[str, TorchModel],
                      batch: VerifyBatch, threads: int, stack: contextlib.ExitStack
-                     ) -> tuple[ReferenceLogits, dict[str, Runner]]:
-    """Run every source model in torch (fp32, CPU), save the logits; returns their runners too."""
+                     ) -> tuple[ReferenceLogits, dict[str, np.ndarray], dict[str, Runner]]:
+    """Run every source model in torch (fp32, CPU) and save the logits; returns the artifact, the
+    logits and the runners."""
     from xpdeploy.backends.torch_runner import TorchRunner  # the host only: a device has no torch
 
     runners: dict[str, Runner] = {
@@ -78,7 +79,8 @@ def _torch_reference(ctx: StageContext[Settings], sources: dict[str, TorchModel]
     path = ctx.stage_dir / REFERENCE_LOGITS
     write_npz(path, logits)
     top = {label: None if batch.synthetic else top1(x, batch.labels) for label, x in logits.items()}
-    return ReferenceLogits(file=ctx.rel(path), runner=runners["original"].name, top1=top), runners
+    reference = ReferenceLogits(file=ctx.rel(path), runner=runners["original"].name, top1=top)
+    return reference, logits, runners
 
 
 def load_reference(run_dir: Path, reference: ReferenceLogits) -> dict[str, np.ndarray]:
@@ -107,11 +109,12 @@ def run(
     with contextlib.ExitStack() as stack:
         torch_runners: dict[str, Runner] = {}
         if reference is None:
-            reference, torch_runners = _torch_reference(ctx, sources, batch, threads, stack)
+            reference, logits, torch_runners = _torch_reference(ctx, sources, batch, threads,
+                                                                stack)
             original_runner = torch_runners["original"].name
         else:
+            logits = load_reference(ctx.run_dir, reference)
             original_runner = f"{reference.runner} (host reference logits)"
-        logits = load_reference(ctx.run_dir, reference)
         ref_top1 = reference.top1.get("original")
 
         ort_runners: dict[Path, OrtRunner] = {}

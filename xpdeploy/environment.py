@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from xpdeploy.backends.trt_versions import header_version, l4t_release, tensorrt_version
+from xpdeploy.fileio import read_text_or_none
 from xpdeploy.runfolder import tool_versions
 
 Runner = Callable[[Sequence[str]], str | None]
@@ -74,25 +75,17 @@ def run_command(argv: Sequence[str], timeout_s: float = COMMAND_TIMEOUT_S) -> st
     return proc.stdout if proc.returncode == 0 else None
 
 
-def _read(path: Path) -> str | None:
-    """Text of ``path`` (NUL bytes of device-tree strings dropped), or None if unreadable."""
-    try:
-        return path.read_text(errors="replace").replace("\x00", "").strip()
-    except OSError:
-        return None
-
-
 # -- host ---------------------------------------------------------------------------------------
 
 
 def cpu_model(root: Path = Path("/")) -> str | None:
     """The CPU's marketing name: x86 ``model name`` in /proc/cpuinfo, else the board's device-tree
     model (ARM boards such as Jetson have no model name there), else ``platform.processor()``."""
-    info = _read(root / "proc/cpuinfo") or ""
+    info = read_text_or_none(root / "proc/cpuinfo") or ""
     match = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE | re.IGNORECASE)
     if match:
         return " ".join(match.group(1).split())
-    board = _read(root / "proc/device-tree/model")
+    board = read_text_or_none(root / "proc/device-tree/model")
     if board:
         return board
     return platform.processor() or None
@@ -152,13 +145,13 @@ def _package_version(name: str) -> str | None:
 
 def cuda_version(root: Path = Path("/")) -> str | None:
     """CUDA toolkit version from /usr/local/cuda/version.json (11.1+) or version.txt (older)."""
-    text = _read(root / "usr/local/cuda/version.json")
+    text = read_text_or_none(root / "usr/local/cuda/version.json")
     if text:
         try:
             return str(json.loads(text)["cuda"]["version"])
         except (ValueError, KeyError, TypeError):
             pass
-    text = _read(root / "usr/local/cuda/version.txt") or ""
+    text = read_text_or_none(root / "usr/local/cuda/version.txt") or ""
     match = re.search(r"CUDA Version\s+([\d.]+)", text)
     return match.group(1) if match else None
 
@@ -241,7 +234,7 @@ def jetson_facts(root: Path = Path("/"), run: Runner = run_command) -> dict[str,
     clocks = parse_jetson_clocks(clocks_raw)
     return {
         "l4t": l4t_release(root / TEGRA_RELEASE),
-        "board": _read(root / "proc/device-tree/model"),
+        "board": read_text_or_none(root / "proc/device-tree/model"),
         "nvpmodel": nvpmodel,
         "jetson_clocks": clocks,
         "max_performance": max_performance(nvpmodel, clocks),
@@ -286,10 +279,10 @@ def thermal_zones(root: Path = Path("/")) -> dict[str, float]:
     its zone number appended so no reading is lost."""
     out: dict[str, float] = {}
     for zone in sorted(root.glob(THERMAL_GLOB)):
-        raw = _read(zone / "temp")
+        raw = read_text_or_none(zone / "temp")
         if raw is None or not raw.lstrip("-").isdigit():
             continue
-        name = _read(zone / "type") or zone.name
+        name = read_text_or_none(zone / "type") or zone.name
         if name in out:
             name = f"{name}.{zone.name.removeprefix('thermal_zone')}"
         out[name] = int(raw) / 1000.0

@@ -84,3 +84,12 @@ def sha256_json(obj: Any) -> str:
     """Hex sha256 of the canonical JSON form of ``obj`` (sorted keys, no whitespace)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def read_text_or_none(path: Path) -> str | None:
+    """A system file's text for a probe (NUL bytes of device-tree strings dropped, stripped), or
+    None when it cannot be read: probes of the machine never fail a run."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return None

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Literal
 
 from xpdeploy.errors import BuildError, MissingDependencyError
+from xpdeploy.fileio import read_text_or_none
 
 BuildPath = Literal["weak", "strong"]
 Precision = Literal["fp32", "fp16", "int8", "best"]
@@ -138,13 +139,6 @@ INCLUDE_DIRS = ("usr/include", "usr/include/aarch64-linux-gnu", "usr/include/x86
                 "usr/local/cuda/include")
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").replace("\x00", "")
-    except OSError:
-        return None
-
-
 def l4t_release(path: str | Path = "/etc/nv_tegra_release") -> str | None:
     """The Jetson L4T release ("36.3.0" from "# R36 (release), REVISION: 3.0, ...") in
     ``/etc/nv_tegra_release``; None off Jetson or when unparsable.
@@ -152,7 +146,7 @@ def l4t_release(path: str | Path = "/etc/nv_tegra_release") -> str | None:
     Part of the engine cache key (an engine built on one L4T release is not loadable on another)
     and of the report's environment.
     """
-    m = _L4T_RE.search(_read(Path(path)) or "")
+    m = _L4T_RE.search(read_text_or_none(Path(path)) or "")
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
@@ -161,7 +155,7 @@ def header_version(root: Path, header: str, macros: Sequence[str]) -> str | None
     under ``root``; a macro defined as another macro (as TensorRT 10 does: ``NV_TENSORRT_MAJOR
     TRT_MAJOR_ENTERPRISE``) is followed one step."""
     for folder in INCLUDE_DIRS:
-        text = _read(root / folder / header) or ""
+        text = read_text_or_none(root / folder / header) or ""
         defines = dict(re.findall(r"^\s*#define\s+(\w+)\s+(\w+)", text, re.MULTILINE))
         values = [defines.get(defines.get(m, ""), defines.get(m)) for m in macros]
         if all(v is not None and v.isdigit() for v in values):

@@ -138,6 +138,11 @@ def engines_section(engines: EngineSet | None, parity: ParityReport) -> dict[str
     }
 
 
+def default_title(pipeline: str) -> str:
+    """A report's title when the pipeline sets none."""
+    return f"xpdeploy report: {pipeline}"
+
+
 def build_report(
     parity: ParityReport,
     *,
@@ -177,7 +182,7 @@ def build_report(
         "schema_version": REPORT_SCHEMA_VERSION,
         "status": status,
         "pipeline": pipeline,
-        "title": title or f"xpdeploy report: {pipeline}",
+        "title": title or default_title(pipeline),
         "created": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run_dir": run_dir,
         "data": {

@@ -16,7 +16,7 @@ from xpdeploy.artifacts import (
 from xpdeploy.progress import log
 from xpdeploy.report.markdown import write_markdown
 from xpdeploy.report.plots import plot_latency
-from xpdeploy.report.schema import build_report, write_report_json
+from xpdeploy.report.schema import build_report, default_title, write_report_json
 from xpdeploy.spec import ReportConfig
 from xpdeploy.stages.context import StageContext
 from xpdeploy.stages.fingerprint import StageSettings
@@ -54,7 +54,7 @@ def run(ctx: StageContext[Settings], model: TorchModel, parity: ParityReport | N
     extra: dict[str, object] = {"epochs_trained": model.epochs_trained,
                                 "top1_samples": model.top1_samples, "val_top1": model.top1}
     if origin is not None:
-        title = (title or f"xpdeploy report: {spec.name}") + " (device)"
+        title = (title or default_title(spec.name)) + " (device)"
         extra["bundle"] = {"source_run": origin.source_run, "created": origin.created}
     report = build_report(
         parity,

@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
 from xpdeploy.fileio import sha256_file
 from xpdeploy.spec import ContentDigest, DataConfigSection, PipelineSpec
+
+if TYPE_CHECKING:
+    from xpdeploy.artifacts import TorchModel
 
 #: Stands in for the digest of a file that does not exist (the stage itself then says what to do).
 MISSING = "missing"
@@ -44,6 +47,14 @@ class DataSettings(StageSettings):
 
     seed: int
     data: DataConfigSection
+
+    def split(self, model: TorchModel, name: Literal["train", "val"]) -> Any:
+        """The ``name`` split of the data set as ``model`` reads it (its preprocessing and class
+        count), seeded by the pipeline's seed: the one way a stage opens its data."""
+        from xpdeploy.data.sources import open_split  # torch Datasets: not on the device
+
+        return open_split(self.data, model.data_config, name,
+                          num_classes=model.arch.num_classes, seed=self.seed)
 
 
 def read_settings(stage: ModuleType, spec: PipelineSpec) -> StageSettings:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, MaskSet, TorchModel
-from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model
 from xpdeploy.spec import LearnMasksConfig
@@ -28,8 +27,7 @@ def run(ctx: StageContext[Settings], model: TorchModel) -> dict[str, Artifact]:
     spec, cfg = ctx.settings, ctx.settings.learn_masks
     # This rank's GPU when there is one (DDP over NCCL needs the model there), as in training.
     net = rebuild_model(model.arch, ctx.path(model.weights_file)).to(distributed.device())
-    train_set = open_split(spec.data, model.data_config, "train",
-                           num_classes=model.arch.num_classes, seed=spec.seed)
+    train_set = spec.split(model, "train")
     result = learn_masks(net, train_set, cfg, num_classes=model.arch.num_classes, seed=spec.seed,
                          checkpoint_dir=ctx.stage_dir / "checkpoints", fingerprint=ctx.fingerprint,
                          workers=spec.data.workers)

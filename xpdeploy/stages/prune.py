@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
-from xpdeploy.data.sources import open_split
 from xpdeploy.errors import ConfigError, PruneError
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
@@ -69,9 +68,7 @@ def _scores(ctx: Ctx, net, model: TorchModel, masks: MaskSet | None, macs: MacMo
         return criteria.magnitude_scores(net)
     if cfg.criterion == "random":
         return criteria.random_scores(list(macs.heads), list(macs.mlp), spec.seed)
-    train = open_split(spec.data, model.data_config, "train", num_classes=model.arch.num_classes,
-                       seed=spec.seed)
-    batches = shuffled_batches(train, spec.data.batch_size, seed=spec.seed,
+    batches = shuffled_batches(spec.split(model, "train"), spec.data.batch_size, seed=spec.seed,
                                workers=spec.data.workers)
     taylor = criteria.taylor_scores(net, batches, cfg.taylor_images)
     return criteria.hybrid_scores(mask_scores, taylor) if cfg.criterion == "xpruner_taylor" \
@@ -103,9 +100,7 @@ def _sensitivity_plan(ctx: Ctx, net: nn.Module, model: TorchModel,
     assert cfg is not None
     scores = _shared_scores(ctx, net, model, masks, macs)
     sens = cfg.sensitivity
-    train = open_split(spec.data, model.data_config, "train",
-                       num_classes=model.arch.num_classes, seed=spec.seed)
-    batches = fixed_images(train, sens.images, sens.batch_size, seed=spec.seed,
+    batches = fixed_images(spec.split(model, "train"), sens.images, sens.batch_size, seed=spec.seed,
                            workers=spec.data.workers, rank=distributed.rank(),
                            world_size=distributed.world_size())
     t0 = time.monotonic()
@@ -129,9 +124,7 @@ def _threshold_plan(ctx: Ctx, net: nn.Module, model: TorchModel, masks: MaskSet 
     spec, cfg = ctx.settings, ctx.settings.prune
     assert cfg is not None
     scores = _shared_scores(ctx, net, model, masks, macs)
-    train = open_split(spec.data, model.data_config, "train",
-                       num_classes=model.arch.num_classes, seed=spec.seed)
-    batches = shuffled_batches(train, cfg.threshold.batch_size, seed=spec.seed,
+    batches = shuffled_batches(spec.split(model, "train"), cfg.threshold.batch_size, seed=spec.seed,
                                workers=spec.data.workers, rank=distributed.rank(),
                                world_size=distributed.world_size())
     net.to(distributed.device())  # DDP over NCCL needs the model on this rank's GPU
@@ -191,8 +184,7 @@ def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None
         "blocks": keep.to_json(), "mac_model": macs.to_json(), **extra,
     })
     plots = plot_allocation(extra, keep.head_counts, keep.mlp_widths, ctx.stage_dir)
-    val = open_split(spec.data, model.data_config, "val", num_classes=model.arch.num_classes,
-                     seed=spec.seed)
+    val = spec.split(model, "val")
     one_shot = None if val.synthetic else evaluate_top1(
         net, val, batch_size=spec.data.batch_size, workers=spec.data.workers, label="one-shot")
     arch_path, weights_path = save_model(net, arch, ctx.stage_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from xpdeploy import distributed
 from xpdeploy.artifacts import Artifact, TorchModel
-from xpdeploy.data.sources import open_split
 from xpdeploy.data.train_augment import describe
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import rebuild_model, save_model
@@ -38,10 +37,7 @@ def train_stage(ctx: StageContext[DataSettings], model: TorchModel, cfg: TrainCo
         assert isinstance(cfg, FinetuneConfig)  # only finetune distils
         distiller = Distiller.from_config(
             rebuild_model(teacher.arch, ctx.path(teacher.weights_file)), cfg)
-    classes = model.arch.num_classes
-    train_set = open_split(spec.data, model.data_config, "train", num_classes=classes,
-                           seed=spec.seed)
-    val_set = open_split(spec.data, model.data_config, "val", num_classes=classes, seed=spec.seed)
+    train_set, val_set = spec.split(model, "train"), spec.split(model, "val")
     result = train_model(
         net,
         train_set,

@@ -226,7 +226,17 @@ class CandidateResult(BaseModel):
     baseline_latency_ms: list[LatencyStats] = Field(
         description="the baseline, timed interleaved with this candidate in the same process"
     )
-    speedup: dict[int, float] = Field(description="batch -> baseline p50 / candidate p50")
+    speedup: dict[int, float] = Field(
+        description="batch -> baseline / candidate median latency: the median over interleaved "
+        "rounds of each round's ratio of medians (one round: baseline p50 / candidate p50)")
+    speedup_spread: dict[int, float] = Field(
+        default_factory=dict,
+        description="batch -> how far the rounds' speedups disagree: half their range over the "
+        "speedup (0.03 = +-3%); empty in results written before rounds were measured")
+    unstable: list[int] = Field(
+        default_factory=list,
+        description="batch sizes whose speedup_spread exceeded verify.max_spread: the figure is "
+        "not trusted (min_speedup fails on it)")
     gates: list[GateResult]
     passed: bool
     gpu_latency_ms: list[LatencyStats] | None = Field(

@@ -391,8 +391,19 @@ class VerifyConfig(Section):
 
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     warmup: int = Field(5, ge=0, description="untimed iterations per runner and batch size")
-    iters: int = Field(30, gt=0, description="timed iterations per runner and batch size")
-    threads: int | None = Field(None, gt=0, description="CPU threads for every runner")
+    iters: int = Field(30, gt=0, description="timed iterations per runner and batch size, "
+                       "split over the rounds (ceil(iters / rounds) calls per round)")
+    rounds: int = Field(5, gt=0, description="interleaved rounds per batch size: each gives a "
+                        "ratio of medians, the speedup is their median and their spread says "
+                        "how stable it is")
+    max_spread: float = Field(0.10, gt=0, lt=1, description="a speedup whose rounds disagree by "
+                              "more than this (half-range / median, 0.10 = +-10%) is marked "
+                              "unstable and fails min_speedup")
+    threads: int | None = Field(1, gt=0, description="CPU threads for every runner; null: every "
+                                "CPU this process may use. 1 holds still on a small shared "
+                                "machine (with 2 threads on 2 cores one file measured 2.5 to "
+                                "10.8 ms minutes apart, issue 17); set it to the deployment's "
+                                "thread count when that is what you ship")
     gates: GatesConfig = Field(default_factory=GatesConfig)
     pruned_gates: GatesConfig = Field(
         default_factory=lambda: GatesConfig(

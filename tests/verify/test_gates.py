@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from xpdeploy.spec import GatesConfig
-from xpdeploy.verify.gates import SKIPPED_SYNTHETIC, evaluate_gates
+from xpdeploy.verify.gates import SKIPPED_SYNTHETIC, evaluate_gates, fmt_speedup
 
 GOOD: dict[str, Any] = {
     "top1_delta": -0.2,
@@ -110,3 +110,61 @@ def test_the_top1_floor_reads_the_candidates_own_accuracy() -> None:
     assert not low.passed and low.detail == "top-1 85.83 % < 95.00 %"
     synthetic = by_name(evaluate_gates(floor, top1=None, **{**GOOD, "synthetic": True}))
     assert synthetic["min_top1"].passed and synthetic["min_top1"].detail == SKIPPED_SYNTHETIC
+
+
+def test_unstable_deciding_speedup_fails_and_says_how_to_fix() -> None:
+    gate = by_name(evaluate_gates(ALL_ON, **{**GOOD, "speedup": {1: 1.52, 32: 1.8}},
+                                  unstable=[1], speedup_spread={1: 0.14, 32: 0.02},
+                                  max_spread=0.10))["min_speedup"]
+    assert not gate.passed and gate.value == 1.52 and gate.limit == 1.2
+    assert gate.detail == (
+        "speedup 1.52x at batch 1 is unstable (rounds disagree by +-14% > +-10%): rerun on a "
+        "quieter machine, raise verify.iters/rounds, or set verify.threads: 1")
+
+
+def test_any_unstable_speedup_the_gate_reads_fails_it() -> None:
+    """Batch 1 decides (1.5x, stable), but batch 32's figure is not trusted: its true value may be
+    the lowest, so the gate cannot pass on it."""
+    gate = by_name(evaluate_gates(ALL_ON, **GOOD, unstable=[32], speedup_spread={32: 0.3},
+                                  max_spread=0.1))["min_speedup"]
+    assert not gate.passed and gate.value == 1.8
+    assert gate.detail.startswith("speedup 1.80x at batch 32 is unstable (rounds disagree by "
+                                  "+-30% > +-10%): rerun")
+
+
+def test_several_unstable_speedups_name_the_lowest_first() -> None:
+    gate = by_name(evaluate_gates(ALL_ON, **GOOD, unstable=[1, 32]))["min_speedup"]
+    assert not gate.passed and gate.value == 1.5
+    assert gate.detail.startswith(  # without spreads the detail still says what was exceeded
+        "speedup 1.50x at batch 1 is unstable (rounds disagree beyond verify.max_spread); also "
+        "unstable at batch 32: rerun on a quieter machine")
+
+
+def test_a_stable_speedup_below_the_limit_keeps_its_own_detail() -> None:
+    """No rerun makes a stable 1.1x pass a 1.2x floor: the detail says that, then notes the rest."""
+    gate = by_name(evaluate_gates(ALL_ON, **{**GOOD, "speedup": {1: 1.1, 32: 1.9}},
+                                  unstable=[32], speedup_spread={32: 0.2},
+                                  max_spread=0.1))["min_speedup"]
+    assert not gate.passed and gate.value == 1.1
+    assert gate.detail == "speedup 1.10x < 1.20x (batch 1); unstable at batch 32"
+
+
+def test_unstable_marks_only_matter_to_an_enabled_speedup_gate() -> None:
+    off = by_name(evaluate_gates(GatesConfig(), **GOOD, unstable=[1, 32]))
+    assert "min_speedup" not in off and all(g.passed for g in off.values())
+    ignored = by_name(evaluate_gates(ALL_ON, **GOOD, unstable=[4]))["min_speedup"]  # not measured
+    assert ignored.passed and ignored.detail == "speedup 1.50x >= 1.20x (batch 1)"
+    nan_speed = by_name(evaluate_gates(ALL_ON, **{**GOOD, "speedup": {1: 2.0, 32: math.nan}},
+                                       unstable=[32]))["min_speedup"]
+    assert not nan_speed.passed
+    assert nan_speed.detail == "speedup nanx < 1.20x (batch 32); unstable at batch 32"
+
+
+@pytest.mark.parametrize(
+    ("value", "spread", "unstable", "text"),
+    [(1.85, None, False, "1.85x"), (1.85, 0.031, False, "1.85x +-3%"),
+     (2.1, 0.14, True, "2.10x +-14% (unstable)"), (1.0, 0.004, False, "1.00x +-0.4%"),
+     (1.0, math.inf, True, "1.00x +-? (unstable)")],
+)
+def test_fmt_speedup(value: float, spread: float | None, unstable: bool, text: str) -> None:
+    assert fmt_speedup(value, spread, unstable) == text

@@ -9,10 +9,12 @@ import pytest
 
 from xpdeploy.backends.runner import Runner
 from xpdeploy.verify.latency import (
+    RatioEstimate,
     latency_stats,
     make_batch,
     measure_interleaved,
     measure_latency,
+    measure_rounds,
 )
 
 
@@ -139,3 +141,80 @@ def test_argument_checks() -> None:
         measure_interleaved([r], pixels, batch=1, warmup=-1, iters=1)
     with pytest.raises(ValueError, match="at least one sample"):
         make_batch(np.zeros((0, 3)), 1)
+
+
+class ScheduledRunner(FakeRunner):
+    """A fake runner whose calls cost ``costs_ms`` in turn (warm-up calls included)."""
+
+    def __init__(self, name: str, log: list[str], clock: FakeClock, costs_ms: list[float]) -> None:
+        super().__init__(name, log, clock)
+        self.costs = list(costs_ms)
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        self.cost_ms = self.costs.pop(0)
+        return super().infer(pixels)
+
+
+def test_measure_rounds_gives_per_round_medians_ratio_and_spread() -> None:
+    """3 rounds of 2 calls: the baseline drifts (4, 6, 2 ms) while the candidate holds at 2 ms, so
+    the rounds' speedups are 2, 3 and 1: median 2, spread (3 - 1) / 2 / 2 = 0.5."""
+    log: list[str] = []
+    clock = FakeClock()
+    base = ScheduledRunner("A", log, clock, [50.0, 4.0, 4.0, 6.0, 6.0, 2.0, 2.0])
+    cand = ScheduledRunner("B", log, clock, [50.0] + [2.0] * 6)
+    t = measure_rounds([base, cand], np.zeros((2, 3, 2, 2)), batch=2, warmup=1, iters=6, rounds=3,
+                       clock=clock)
+    assert base.costs == [] and cand.costs == []  # one warm-up call each, then 3 x 2 timed
+    assert log == ["A", "B"] + ["A", "B", "B", "A"] * 3  # warm-up in round 0 only
+    assert t.batch == 2
+    # the fake clock is a float of seconds: ms come back within rounding, hence approx
+    np.testing.assert_allclose(t.times[0], [[4.0, 4.0], [6.0, 6.0], [2.0, 2.0]], rtol=1e-9)
+    np.testing.assert_allclose(t.times[1], [[2.0, 2.0]] * 3, rtol=1e-9)
+    assert t.medians(0) == pytest.approx([4.0, 6.0, 2.0])
+    assert t.medians(1) == pytest.approx([2.0, 2.0, 2.0])
+    speedup = t.ratio(0, 1)
+    assert speedup.rounds == pytest.approx((2.0, 3.0, 1.0))
+    assert speedup.value == pytest.approx(2.0) and speedup.spread == pytest.approx(0.5)
+    assert not speedup.stable(0.10) and speedup.stable(0.51)
+    assert t.ratio(1, 0).rounds == pytest.approx((0.5, 1 / 3, 1.0))  # relative latency
+    base_stats = t.stats(0)  # p50 over all 6 timed calls, warm-up excluded
+    assert base_stats.iters == 6
+    assert base_stats.p50 == pytest.approx(4.0) and base_stats.mean == pytest.approx(4.0)
+    assert t.stats(1).p50 == pytest.approx(2.0)
+    assert t.stats(1).throughput == pytest.approx(1000.0)  # batch 2 in 2 ms
+    lat = t.latency(0)
+    assert lat.value == pytest.approx(4.0) and lat.spread == pytest.approx(0.5)
+    assert lat.rounds == pytest.approx((4.0, 6.0, 2.0))
+
+
+def test_measure_rounds_rounds_the_calls_per_round_up() -> None:
+    """iters 5 over 2 rounds: ceil(5 / 2) = 3 calls per round, 6 in all; iters below rounds still
+    times one call per round."""
+    clock = FakeClock()
+    a, b = FakeRunner("A", [], clock, 3.0), FakeRunner("B", [], clock, 1.5)
+    t = measure_rounds([a, b], np.zeros((1, 3)), batch=1, warmup=0, iters=5, rounds=2, clock=clock)
+    assert [len(r) for r in t.times[0]] == [3, 3] and t.stats(1).iters == 6
+    ratio = t.ratio(0, 1)
+    assert ratio.value == pytest.approx(2.0) and ratio.rounds == pytest.approx((2.0, 2.0))
+    assert ratio.spread == pytest.approx(0.0, abs=1e-9) and ratio.stable(0.01)
+    few = measure_rounds([a], np.zeros((1, 3)), batch=1, warmup=0, iters=2, rounds=4, clock=clock)
+    assert [len(r) for r in few.times[0]] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="rounds must be positive"):
+        measure_rounds([a], np.zeros((1, 3)), batch=1, warmup=0, iters=2, rounds=0, clock=clock)
+
+
+def test_ratio_estimate_edge_cases() -> None:
+    one = RatioEstimate.of([1.7])  # a single round has no spread to show
+    assert one.value == 1.7 and one.spread == 0.0 and one.rounds == (1.7,) and one.stable(0.01)
+    even = RatioEstimate.of([1.0, 2.0])  # median of an even count is the mean of the middle two
+    assert even.value == 1.5 and even.spread == pytest.approx(0.5 / 1.5)
+    assert RatioEstimate.of([2.0, 2.2, 1.8]).spread == pytest.approx(0.1)
+    assert RatioEstimate.of([2.0, 2.2, 1.8]).stable(0.1 + 1e-12)
+    zero = RatioEstimate.of([0.0, 0.0, 1.0])  # a zero median: no relative spread exists
+    assert zero.value == 0.0 and zero.spread == float("inf") and not zero.stable(0.99)
+    inf_round = RatioEstimate.of([float("inf"), 2.0, 2.0])  # a zero-median round's ratio
+    assert inf_round.value == 2.0 and inf_round.spread == float("inf")
+    assert not inf_round.stable(0.5)
+    with np.errstate(invalid="ignore"):  # inf / inf: the spread is NaN, which is never stable
+        inf_median = RatioEstimate.of([float("inf"), float("inf"), 2.0])
+    assert inf_median.value == float("inf") and not inf_median.stable(0.5)

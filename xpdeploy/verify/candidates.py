@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -13,8 +14,8 @@ from xpdeploy.data.verify_set import VerifyBatch
 from xpdeploy.logits import compare_logits, top1
 from xpdeploy.progress import log
 from xpdeploy.spec import GatesConfig, VerifyConfig
-from xpdeploy.verify.gates import evaluate_gates
-from xpdeploy.verify.latency import latency_stats, measure_interleaved
+from xpdeploy.verify.gates import evaluate_gates, fmt_speedup
+from xpdeploy.verify.latency import Clock, latency_stats, measure_rounds
 from xpdeploy.verify.thermal import TemperatureSampler
 
 
@@ -51,9 +52,15 @@ class Candidate:
 
 def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
                        source_logits: np.ndarray, ref_top1: float | None, *,
-                       cfg: VerifyConfig, eval_batch_size: int, threads: int
-                       ) -> CandidateResult:
-    """Accuracy, agreement, logit differences, interleaved latency and gates of one candidate."""
+                       cfg: VerifyConfig, eval_batch_size: int, threads: int,
+                       clock: Clock = time.perf_counter) -> CandidateResult:
+    """Accuracy, agreement, logit differences, interleaved latency and gates of one candidate.
+
+    Each batch size is timed in ``cfg.rounds`` interleaved rounds against the baseline
+    (:func:`~xpdeploy.verify.latency.measure_rounds`); the speedup is the median of the rounds'
+    ratios of medians, and a batch size whose rounds disagree by more than ``cfg.max_spread`` is
+    listed in ``unstable`` and fails the min_speedup gate. ``clock``: seconds, for tests.
+    """
     logits = infer_all(c.runner, batch.pixels, c.fixed_batch or eval_batch_size,
                        fixed_batch=c.fixed_batch is not None)
     gpu_timed = isinstance(c.runner, GpuTimedRunner)
@@ -62,21 +69,29 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
     cand_top1 = None if batch.synthetic else top1(logits, batch.labels)
     delta = None if cand_top1 is None or ref_top1 is None else cand_top1 - ref_top1
     lat_b, lat_c = [], []
+    speedup: dict[int, float] = {}
+    spread: dict[int, float] = {}
+    unstable: list[int] = []
     for b in [c.fixed_batch] if c.fixed_batch else cfg.batch_sizes:
-        log(f"  timing {c.name} vs {c.baseline_name} at batch {b} ({threads} threads)")
-        stats_b, stats_c = measure_interleaved([c.baseline, c.runner], batch.pixels, b,
-                                               cfg.warmup, cfg.iters)
-        lat_b.append(stats_b)
-        lat_c.append(stats_c)
-    speedup = {o.batch: o.p50 / n.p50 for o, n in zip(lat_b, lat_c, strict=True)}
+        log(f"  timing {c.name} vs {c.baseline_name} at batch {b} ({threads} threads, "
+            f"{cfg.rounds} rounds)")
+        times = measure_rounds([c.baseline, c.runner], batch.pixels, b, warmup=cfg.warmup,
+                               iters=cfg.iters, rounds=cfg.rounds, clock=clock)
+        lat_b.append(times.stats(0))
+        lat_c.append(times.stats(1))
+        ratio = times.ratio(0, 1)  # baseline / candidate: > 1 is faster
+        speedup[b], spread[b] = ratio.value, ratio.spread
+        if not ratio.stable(cfg.max_spread):
+            unstable.append(b)
     gpu_lat = None
-    if gpu_timed:  # the timed calls are the last `iters` of each batch size (after warm-up)
-        gpu_lat = [latency_stats(c.runner.gpu_times_ms(s.batch)[-cfg.iters:], s.batch)
+    if gpu_timed:  # the timed calls are the last ones of each batch size (after warm-up)
+        gpu_lat = [latency_stats(c.runner.gpu_times_ms(s.batch)[-s.iters:], s.batch)
                    for s in lat_c]
     gates_cfg = c.gates or (cfg.gates if c.source.label == "original" else cfg.pruned_gates)
     gates = evaluate_gates(gates_cfg, top1=cand_top1, top1_delta=delta, agreement=cmp.agreement,
                            max_abs_diff=cmp.max_abs_diff, cosine=cmp.cosine, speedup=speedup,
-                           synthetic=batch.synthetic)
+                           synthetic=batch.synthetic, unstable=unstable, speedup_spread=spread,
+                           max_spread=cfg.max_spread)
     if cfg.max_export_diff is not None and c.runner.name.startswith("ort-cpu"):
         ok = source_diff <= cfg.max_export_diff
         gates.append(GateResult(
@@ -88,13 +103,15 @@ def evaluate_candidate(c: Candidate, batch: VerifyBatch, ref_logits: np.ndarray,
         baseline=c.baseline_name, source_max_abs_diff=source_diff, gmacs=c.source.gmacs,
         params_m=c.source.params_m, top1=cand_top1, top1_delta=delta, agreement=cmp.agreement,
         max_abs_diff=cmp.max_abs_diff, mean_abs_diff=cmp.mean_abs_diff, cosine=cmp.cosine,
-        latency_ms=lat_c, baseline_latency_ms=lat_b, speedup=speedup, gates=gates,
+        latency_ms=lat_c, baseline_latency_ms=lat_b, speedup=speedup, speedup_spread=spread,
+        unstable=unstable, gates=gates,
         passed=all(g.passed for g in gates), gpu_latency_ms=gpu_lat,
         runner_info=_runner_info(c.runner),
     )
     acc = "" if cand_top1 is None else f"top-1 {cand_top1:.2f}% ({delta:+.2f}), "
     log(f"  {c.name}: {acc}agreement {cmp.agreement:.4f}, speedup "
-        + ", ".join(f"b{b} {s:.2f}x" for b, s in speedup.items())
+        + ", ".join(f"b{b} {fmt_speedup(s, spread[b], b in unstable)}"
+                    for b, s in speedup.items())
         + (": passed" if result.passed else ": FAILED"))
     return result
 

@@ -3,18 +3,37 @@
 A gate set to ``null`` is off and yields no result. A gate that is on but cannot be measured is
 reported explicitly: the top-1 gate on synthetic data is *skipped* (value ``None``, detail says
 why), never shown as a measured pass. A NaN value fails its gate, because NaN never compares as
-within a limit.
+within a limit. A speedup whose interleaved rounds disagree by more than ``verify.max_spread`` is
+*unstable*: the min_speedup gate fails on it, with a detail that says how to get a stable figure,
+rather than passing or failing on a number that another run would not reproduce.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 
 from xpdeploy.artifacts import GateResult
 from xpdeploy.spec import GatesConfig
 
 SKIPPED_SYNTHETIC = "skipped: synthetic data has no accuracy"
 SKIPPED_NO_TOP1 = "skipped: no top-1 accuracy was measured"
+UNSTABLE_FIX = "rerun on a quieter machine, raise verify.iters/rounds, or set verify.threads: 1"
+
+
+def fmt_spread(spread: float) -> str:
+    """A spread (half-range / median, a fraction) as "+-3%" ("+-0.4%" below 1%, "+-?" if unknown).
+    """
+    if not math.isfinite(spread):
+        return "+-?"
+    return f"+-{spread:.1%}" if spread < 0.01 else f"+-{spread:.0%}"
+
+
+def fmt_speedup(value: float, spread: float | None = None, unstable: bool = False) -> str:
+    """A speedup with the spread of its rounds: "1.85x +-3%", "2.10x +-14% (unstable)"; just
+    "1.85x" when no spread was measured (results from before rounds)."""
+    text = f"{value:.2f}x" + ("" if spread is None else f" {fmt_spread(spread)}")
+    return text + (" (unstable)" if unstable else "")
 
 
 def _pair(value: float, limit: float, spec: str) -> tuple[str, str]:
@@ -63,6 +82,9 @@ def evaluate_gates(
     cosine: float,
     speedup: dict[int, float],
     synthetic: bool,
+    unstable: Collection[int] = (),
+    speedup_spread: Mapping[int, float] | None = None,
+    max_spread: float | None = None,
 ) -> list[GateResult]:
     """One :class:`GateResult` per gate that is on, in the order of :class:`GatesConfig`.
 
@@ -71,6 +93,9 @@ def evaluate_gates(
     agreement: share (0..1) of samples with the original's top-1 class.
     max_abs_diff: largest absolute logit difference. cosine: mean logit cosine similarity.
     speedup: batch size -> original p50 / candidate p50; the gate reads the worst batch size.
+    unstable: batch sizes whose speedup is not trusted (its rounds disagree by more than
+    ``max_spread``); the speedup gate fails on any of them. speedup_spread (batch size -> spread,
+    a fraction) and max_spread only word that failure.
     """
     out: list[GateResult] = []
     g = gates
@@ -126,12 +151,20 @@ def evaluate_gates(
     if g.min_cosine is not None:
         out.append(_check("min_cosine", "cosine", cosine, g.min_cosine, at_most=False, spec=".6f"))
     if g.min_speedup is not None:
-        out.append(_speedup_gate(speedup, g.min_speedup))
+        out.append(_speedup_gate(speedup, g.min_speedup, unstable, speedup_spread or {},
+                                 max_spread))
     return out
 
 
-def _speedup_gate(speedup: dict[int, float], limit: float) -> GateResult:
-    """The slowest batch size decides: a model faster at batch 32 but slower at 1 is not faster."""
+def _speedup_gate(speedup: dict[int, float], limit: float, unstable: Collection[int] = (),
+                  spread: Mapping[int, float] | None = None, max_spread: float | None = None
+                  ) -> GateResult:
+    """The slowest batch size decides: a model faster at batch 32 but slower at 1 is not faster.
+
+    Every batch size is read to find the slowest, so an unstable figure at any of them fails the
+    gate (its true value may be the lowest), unless a stable figure already fails it: then the
+    detail names that one, since no rerun would make it pass.
+    """
     if not speedup:
         return GateResult(
             name="min_speedup",
@@ -144,4 +177,21 @@ def _speedup_gate(speedup: dict[int, float], limit: float) -> GateResult:
     if any(math.isnan(s) for s in speedup.values()):
         batch, worst = next((b, s) for b, s in speedup.items() if math.isnan(s))
     res = _check("min_speedup", "speedup", worst, limit, at_most=False, spec=".2f", unit="x")
-    return res.model_copy(update={"detail": f"{res.detail} (batch {batch})"})
+    shaky = sorted((b for b in speedup if b in unstable),
+                   key=lambda b: (math.isnan(speedup[b]), speedup[b], b))
+    if not shaky:
+        return res.model_copy(update={"detail": f"{res.detail} (batch {batch})"})
+    if not res.passed and (batch not in unstable or math.isnan(worst)):
+        # a stable (or unmeasurable) figure fails by itself: no rerun would make it pass
+        listed = ", ".join(str(b) for b in shaky)
+        return res.model_copy(update={
+            "detail": f"{res.detail} (batch {batch}); unstable at batch {listed}"})
+    first, rest = shaky[0], shaky[1:]
+    spreads = spread or {}
+    how = "rounds disagree" + (f" by {fmt_spread(spreads[first])}" if first in spreads else "")
+    how += f" > {fmt_spread(max_spread)}" if max_spread is not None else " beyond verify.max_spread"
+    more = f"; also unstable at batch {', '.join(str(b) for b in rest)}" if rest else ""
+    return GateResult(
+        name="min_speedup", value=speedup[first], limit=limit, passed=False,
+        detail=f"speedup {speedup[first]:.2f}x at batch {first} is unstable ({how}){more}: "
+               f"{UNSTABLE_FIX}")

@@ -4,12 +4,19 @@ All times are milliseconds per batch; throughput is images per second at the med
 Speedups are ratios of medians measured in the same process, interleaved call by call, so that
 anything that drifts on the machine (clock boost, thermal throttling, another process waking up,
 caches warming) hits the original and the candidate alike and cancels in the ratio.
+
+Drift that is slower than one call but faster than a whole measurement still moves a single ratio
+of medians (on a 2-core shared machine the same batch-1 file measured 2.5 to 10.8 ms minutes
+apart). So :func:`measure_rounds` splits the timed calls into rounds, takes the ratio of medians in
+each, and reports the median ratio with its spread over rounds (:class:`RatioEstimate`): a figure
+whose rounds disagree by more than a tolerance is known to be unstable, and says so.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,24 +88,7 @@ def measure_interleaved(
     The runners must already be entered (open). ``warmup`` untimed rounds run first (same
     alternating order), then ``iters`` timed rounds; ``clock`` returns seconds.
     """
-    if not runners:
-        raise ValueError("measure_interleaved: no runners to time")
-    if iters <= 0:
-        raise ValueError(f"measure_interleaved: iters must be positive, got {iters}")
-    if warmup < 0:
-        raise ValueError(f"measure_interleaved: warmup must be >= 0, got {warmup}")
-    x = make_batch(pixels, batch)
-    forward = list(range(len(runners)))
-    backward = forward[::-1]
-    for r in range(warmup):
-        for i in forward if r % 2 == 0 else backward:
-            runners[i].infer(x)
-    times: list[list[float]] = [[] for _ in runners]
-    for r in range(iters):
-        for i in forward if r % 2 == 0 else backward:
-            start = clock()
-            runners[i].infer(x)
-            times[i].append((clock() - start) * 1000.0)
+    times = _interleaved_times(runners, make_batch(pixels, batch), warmup, iters, clock)
     return [latency_stats(t, batch) for t in times]
 
 
@@ -112,3 +102,104 @@ def measure_latency(
 ) -> LatencyStats:
     """Time one runner: ``warmup`` untimed calls, then ``iters`` timed ones (ms per batch)."""
     return measure_interleaved([runner], pixels, batch, warmup, iters, clock=clock)[0]
+
+
+@dataclass(frozen=True)
+class RatioEstimate:
+    """A ratio of medians measured in several interleaved rounds.
+
+    ``value``: the median over rounds of each round's ratio; ``spread``: half the range of the
+    rounds' ratios over ``value`` (0.05 = the rounds agree within +-5%); ``rounds``: each round's
+    ratio. One round has no spread to show (0.0): stability needs at least two.
+    """
+
+    value: float
+    spread: float
+    rounds: tuple[float, ...]
+
+    def stable(self, max_spread: float) -> bool:
+        """Whether the rounds agree within ``max_spread`` (a fraction of the value)."""
+        return bool(np.isfinite(self.spread)) and self.spread <= max_spread
+
+    @classmethod
+    def of(cls, ratios: Sequence[float]) -> RatioEstimate:
+        r = np.asarray(ratios, dtype=np.float64)
+        if r.size == 0:
+            raise ValueError("RatioEstimate.of: no rounds were measured")
+        value = float(np.median(r))
+        finite = 0 < value < float("inf") and bool(np.all(np.isfinite(r)))
+        spread = float((r.max() - r.min()) / 2 / value) if finite else float("inf")
+        return cls(value=value, spread=spread, rounds=tuple(float(x) for x in r))
+
+
+@dataclass(frozen=True)
+class RoundTimes:
+    """Per runner, the timed calls of each round (ms per batch), from :func:`measure_rounds`."""
+
+    batch: int
+    times: tuple[tuple[tuple[float, ...], ...], ...]  # [runner][round][call]
+
+    def stats(self, runner: int) -> LatencyStats:
+        """p50/p90/p99 over every timed call of ``runner`` (all rounds)."""
+        return latency_stats([t for rnd in self.times[runner] for t in rnd], self.batch)
+
+    def medians(self, runner: int) -> list[float]:
+        """The median of each round of ``runner``, ms per batch."""
+        return [float(np.median(rnd)) for rnd in self.times[runner]]
+
+    def ratio(self, numerator: int, denominator: int) -> RatioEstimate:
+        """median(numerator) / median(denominator) per round; e.g. a speedup is
+        ``ratio(baseline, candidate)`` and a relative latency ``ratio(candidate, reference)``."""
+        return RatioEstimate.of([a / b if b > 0 else float("inf") for a, b in zip(
+            self.medians(numerator), self.medians(denominator), strict=True)])
+
+    def latency(self, runner: int) -> RatioEstimate:
+        """The runner's median latency (ms per batch) over rounds, with its spread."""
+        return RatioEstimate.of(self.medians(runner))
+
+
+def measure_rounds(
+    runners: Sequence[Runner],
+    pixels: np.ndarray,
+    batch: int,
+    *,
+    warmup: int,
+    iters: int,
+    rounds: int,
+    clock: Clock = time.perf_counter,
+) -> RoundTimes:
+    """:func:`measure_interleaved` in ``rounds`` rounds of ``ceil(iters / rounds)`` timed calls
+    per runner each (at least one), after ``warmup`` untimed rounds; see the module doc."""
+    if rounds <= 0:
+        raise ValueError(f"measure_rounds: rounds must be positive, got {rounds}")
+    per_round = max(1, -(-iters // rounds))
+    x = make_batch(pixels, batch)
+    times: list[list[tuple[float, ...]]] = [[] for _ in runners]
+    for r in range(rounds):
+        stats = _interleaved_times(runners, x, warmup if r == 0 else 0, per_round, clock)
+        for i, t in enumerate(stats):
+            times[i].append(tuple(t))
+    return RoundTimes(batch=batch, times=tuple(tuple(t) for t in times))
+
+
+def _interleaved_times(runners: Sequence[Runner], x: np.ndarray, warmup: int, iters: int,
+                       clock: Clock) -> list[list[float]]:
+    """Per runner the ``iters`` timed calls (ms) of one interleaved measurement on batch ``x``."""
+    if not runners:
+        raise ValueError("measure_interleaved: no runners to time")
+    if iters <= 0:
+        raise ValueError(f"measure_interleaved: iters must be positive, got {iters}")
+    if warmup < 0:
+        raise ValueError(f"measure_interleaved: warmup must be >= 0, got {warmup}")
+    forward = list(range(len(runners)))
+    backward = forward[::-1]
+    for r in range(warmup):
+        for i in forward if r % 2 == 0 else backward:
+            runners[i].infer(x)
+    times: list[list[float]] = [[] for _ in runners]
+    for r in range(iters):
+        for i in forward if r % 2 == 0 else backward:
+            start = clock()
+            runners[i].infer(x)
+            times[i].append((clock() - start) * 1000.0)
+    return times

@@ -104,3 +104,18 @@ def kill_at_mid_epoch_checkpoint(proc: Any, checkpoint: Path, kill: Any,
         time.sleep(0.02)
     proc.wait()
     return state if state.get("step_in_epoch", 0) > 0 else {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Latency tables measured by tests go to a folder of this session, never ~/.cache (and a
+    table a developer cached is never read by a test)."""
+    import os
+
+    old = os.environ.get("XPDEPLOY_CACHE")
+    os.environ["XPDEPLOY_CACHE"] = str(tmp_path_factory.mktemp("xpdeploy-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XPDEPLOY_CACHE", None)
+    else:
+        os.environ["XPDEPLOY_CACHE"] = old

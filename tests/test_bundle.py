@@ -19,6 +19,7 @@ from xpdeploy.artifacts import TorchModel
 from xpdeploy.bundle import (
     BUNDLE_JSON,
     CALIBRATION_NPZ,
+    DEVICE_STAGES,
     REFERENCE_NPZ,
     BundleManifest,
     continuation_command,
@@ -108,6 +109,7 @@ def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
     assert set(source_models(opened)) == {"original", "pruned"}
     assert set(opened.stages) == {"load", "train", "prune", "export_onnx", "simplify"}
     assert opened.calibration is not None and opened.calibration.samples == 4
+    assert opened.device_stages == DEVICE_STAGES and opened.format == 3
     calib = load_npz(opened.path(CALIBRATION_NPZ))
     assert calib.pixels.shape == (4, 3, 16, 16)
 
@@ -205,5 +207,5 @@ def test_a_bundle_of_another_format_is_refused_with_the_fix(bundled_run: Bundled
     opened = open_bundle(bundled_run.tar, tmp_path / "x")
     data = json.loads((tmp_path / "x" / BUNDLE_JSON).read_text())
     (tmp_path / "x" / BUNDLE_JSON).write_text(json.dumps({**data, "format": fmt}))
-    with pytest.raises(DataError, match=f"has format {fmt}, .* reads format 2; {fix}"):
+    with pytest.raises(DataError, match=f"has format {fmt}, .* reads formats 2, 3; {fix}"):
         read_bundle(opened.root)  # type: ignore[arg-type]

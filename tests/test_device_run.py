@@ -72,8 +72,16 @@ def test_run_bundle_verifies_and_reports_without_torch(bundled_run: BundledRun, 
 def test_bundle_options_are_checked(bundled_run: BundledRun, tmp_path: Path) -> None:  # noqa: F811
     runner = CliRunner()
     wrong = runner.invoke(cli, ["run", str(bundled_run.tar), "--stages", "verify,deploy"])
-    assert wrong.exit_code == 1 and "a bundle continues with build_engine, verify, report" \
-        in wrong.output
+    assert wrong.exit_code == 1 and "bundle run.tar continues with build_engine, verify, report " \
+        "only (unknown: deploy)" in wrong.output
+    latency = runner.invoke(cli, ["run", str(bundled_run.tar), "--run-dir", str(tmp_path / "l"),
+                                  "--stages", "latency_table"])
+    assert latency.exit_code == 1 and "Traceback" not in latency.output
+    assert latency.output.splitlines()[-1] == (
+        "error: --stages 'latency_table': bundle run.tar continues with build_engine, verify, "
+        "report only (unknown: latency_table); a latency table is measured from a latency "
+        f"bundle: xpdeploy bundle {bundled_run.run_dir} -o latency.tar --stages latency_table")
+    assert not (tmp_path / "l").exists()  # refused before anything was written
     host_only = runner.invoke(cli, ["run", str(bundled_run.tar), "--from", "verify"])
     assert host_only.exit_code == 1
     assert "apply to pipeline files, not to bundles" in host_only.output

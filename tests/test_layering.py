@@ -12,7 +12,7 @@ import xpdeploy
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "fileio", "distributed", "progress", "spec", "artifacts", "figures",
      "logits", "runfolder", "summary"),
-    ("data", "models", "backends"),
+    ("data", "models", "backends", "latency"),
     ("training", "prune", "xpruner", "export", "environment"),
     ("engine",),
     ("verify",),
@@ -28,7 +28,8 @@ SAME_LAYER = {
     ("distributed", "errors"), ("progress", "distributed"), ("runfolder", "__init__"),
     ("runfolder", "artifacts"), ("runfolder", "errors"), ("runfolder", "fileio"),
     ("runfolder", "spec"), ("summary", "errors"), ("summary", "runfolder"),
-    ("backends", "models"), ("prune", "training"), ("xpruner", "prune"), ("xpruner", "training"),
+    ("backends", "models"), ("prune", "training"), ("export", "prune"), ("xpruner", "prune"),
+    ("xpruner", "training"),
     ("pipeline", "stages"), ("device_run", "pipeline"), ("report", "verify"),
     ("cli", "__init__"), ("__main__", "cli"),
 }

@@ -255,3 +255,18 @@ def test_mask_score_auto_and_coverage_only_under_sensitivity(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="'mask_score: coverage' orders units within a block "
                                           "only, so ranking 'global' would cut every block alike"):
         load_spec(write_pipeline(tmp_path / "p.yaml", d))
+
+
+def test_verify_times_in_rounds_on_one_thread_by_default() -> None:
+    """Issue 17: with 2 threads on a 2-core machine one file read 2.5 to 10.8 ms minutes apart,
+    with 1 thread within 5 %; so verify defaults to 1 thread and 5 rounds, +-10 % tolerated."""
+    from pydantic import ValidationError
+
+    from xpdeploy.spec import VerifyConfig
+
+    cfg = VerifyConfig()
+    assert (cfg.threads, cfg.rounds, cfg.max_spread, cfg.iters) == (1, 5, 0.10, 30)
+    assert VerifyConfig(threads=None).threads is None  # every CPU this process may use
+    for bad in ({"rounds": 0}, {"max_spread": 0.0}, {"max_spread": 1.0}, {"threads": 0}):
+        with pytest.raises(ValidationError):
+            VerifyConfig(**bad)

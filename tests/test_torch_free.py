@@ -49,6 +49,12 @@ DEVICE_MODULES = (
     "xpdeploy.stages.build_engine",
     "xpdeploy.stages.verify",
     "xpdeploy.stages.report",
+    "xpdeploy.stages.latency_table",
+    "xpdeploy.verify.latency_grid",
+    "xpdeploy.latency.grid",
+    "xpdeploy.latency.table",
+    "xpdeploy.latency.cache",
+    "xpdeploy.latency.plots",
 )
 
 _BLOCK = textwrap.dedent("""

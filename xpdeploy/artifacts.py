@@ -108,6 +108,17 @@ class MaskSet(Artifact):
         return [self.masks_file, self.scores_file, self.history_file, *self.plots]
 
 
+class LatencySetting(BaseModel):
+    """Where a latency figure holds: runtime, precision, images per call, CPU threads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runtime: str
+    precision: str
+    batch: int
+    threads: int
+
+
 class PrunePlan(Artifact):
     """Kept heads and neurons per block (``plan.json``, replayable on a fresh model)."""
 
@@ -124,6 +135,49 @@ class PrunePlan(Artifact):
     mlp_per_block: list[int]
     one_shot_top1: float | None = Field(None, description="val top-1 right after pruning")
     plots: list[str] = Field(default_factory=list, description="how the budget was allocated")
+    target_latency_ms: float | None = Field(None, description="the latency budget, ms per batch")
+    predicted_latency_ms: float | None = Field(
+        None, description="what the latency table predicts for this plan, ms per batch")
+    latency: LatencySetting | None = Field(None, description="what the latency is measured on")
+    table_original_ms: float | None = Field(
+        None, description="the original's latency when the table was measured (drift check)")
+
+    def files(self) -> list[str]:
+        return [self.file, *self.plots]
+
+
+class LatencyBlocks(Artifact):
+    """Block ONNX files at every grid point, and whole pruned models to check the prediction.
+
+    ``file``: ``grid.json`` (the block shapes, which blocks share each, the ONNX file of every
+    (heads, MLP width), the validation models). The ONNX files are torch-free inputs of
+    ``latency_table``: a latency bundle carries them to the device.
+    """
+
+    file: str
+    arch_digest: str = Field(description="sha256 of the architecture the grid was cut from")
+    shapes: int = Field(description="distinct block shapes")
+    points: int = Field(description="block ONNX files over all shapes")
+    onnx_files: list[str]
+
+    def files(self) -> list[str]:
+        return [self.file, *self.onnx_files]
+
+
+class LatencyTable(Artifact):
+    """A measured latency model (``table.json``, :mod:`xpdeploy.latency.table`), ms per batch."""
+
+    file: str
+    setting: LatencySetting
+    device_id: str = Field(description="fingerprint id of the machine it was measured on")
+    original_ms: float = Field(description="the unpruned model, measured")
+    points: int
+    unstable_points: int = Field(description="grid points whose spread stayed above max_spread")
+    prediction_error_pct: list[float] = Field(
+        default_factory=list, description="(predicted - measured) / measured of each validation "
+        "model, in percent")
+    source: str = Field(description="measured | cache | file")
+    plots: list[str] = Field(default_factory=list)
 
     def files(self) -> list[str]:
         return [self.file, *self.plots]
@@ -287,6 +341,25 @@ class BundleOrigin(Artifact):
     created: str = Field(description="UTC, ISO-8601")
 
 
+class LatencyTargetResult(BaseModel):
+    """The pruned model's measured latency against its budget (``prune.target_latency_ms``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    setting: LatencySetting
+    artifact: str = Field(description="what was timed: the pruned model's deployable file")
+    target_ms: float
+    predicted_ms: float | None
+    measured_ms: float = Field(description="median over rounds, ms per batch")
+    spread: float = Field(description="half-range / median of the per-round medians")
+    original_ms: float = Field(description="the original, timed interleaved with it")
+    tolerance: float | None = Field(description="allowed miss above the target, as a fraction "
+                                    "of it (None: not gated)")
+    stable: bool = Field(description="spread within verify.max_spread")
+    passed: bool
+    detail: str
+
+
 class ParityReport(Artifact):
     """Outcome of ``verify``: its truth value is the overall verdict."""
 
@@ -309,6 +382,7 @@ class ParityReport(Artifact):
         default_factory=dict,
         description="zone -> min/max/mean C and samples, read while the candidates were timed",
     )
+    latency_target: LatencyTargetResult | None = None
     passed: bool
 
     def files(self) -> list[str]:

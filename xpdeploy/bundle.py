@@ -1,7 +1,11 @@
 """Device bundles: one tar with everything a torch-free device needs to continue a run.
 
-``make_bundle`` packs a finished run folder (export, simplify and verify done on the host) so that a
-device (a Jetson without torch) can build engines and verify them against the host's numbers::
+A bundle names the device stages it continues with (``device_stages`` in ``bundle.json``); there
+are two kinds (:data:`BUNDLE_KINDS`).
+
+An **engine bundle** (:data:`DEVICE_STAGES`, the default) packs a finished run folder (export,
+simplify and verify done on the host) so that a device (a Jetson without torch) can build engines
+and verify them against the host's numbers::
 
     bundle.json                       BundleManifest: members with sha256 and size, the outputs
                                       of every host stage (as their manifests recorded them)
@@ -11,6 +15,15 @@ device (a Jetson without torch) can build engines and verify them against the ho
     07_simplify/<label>.sim.onnx      every simplified ONNX file (when the stage ran)
     reference_logits.npz              torch logits per source model ('original', 'pruned')
     calibration.npz                   preprocessed INT8 calibration pixels (when configured)
+
+A **latency bundle** (:data:`LATENCY_STAGES`) packs a run that finished ``latency_blocks``, so
+that the device measures the latency table of its own runtime (TensorRT) for the host to plan
+with (``prune.latency.table``); it holds no verification set, logits or calibration::
+
+    bundle.json, pipeline.yaml
+    11_latency_blocks/grid.json       the block grid (shapes, grid points, whole models)
+    11_latency_blocks/blocks/*.onnx   every block at every (heads, MLP width)
+    11_latency_blocks/models/*.onnx   the original, the stem, the smallest and validation models
 
 A bundle is a partial run folder: members keep their run-folder-relative paths, so the artifact
 records in ``bundle.json`` resolve against the extracted folder as on the host, and a device run
@@ -37,18 +50,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xpdeploy import __version__
 from xpdeploy.artifacts import Artifact, BundleOrigin, ReferenceLogits, TorchModel
-from xpdeploy.errors import DataError, RunFolderError
+from xpdeploy.errors import ConfigError, DataError, RunFolderError
 from xpdeploy.fileio import atomic_path, sha256_file
 from xpdeploy.runfolder import RESOLVED_PIPELINE, RunFolder, now_iso, parse_outputs
 from xpdeploy.spec import STAGE_ORDER, PipelineSpec, load_spec
 
-#: Bundle layout version written (and the newest one read).
-BUNDLE_FORMAT = 2
+#: Bundle layout version written (and the newest one read). 3: ``device_stages`` (latency
+#: bundles), ``reference`` optional.
+BUNDLE_FORMAT = 3
+#: Layout versions read: a format-2 bundle is an engine bundle (:data:`DEVICE_STAGES`).
+READ_FORMATS: tuple[int, ...] = (2, 3)
 BUNDLE_JSON = "bundle.json"
 CALIBRATION_NPZ = "calibration.npz"
 REFERENCE_NPZ = "reference_logits.npz"
-#: Stages a bundle can continue with, in order; the host's stages before them travel as outputs.
+#: Stages an engine bundle continues with, in order; the host's stages before them travel as
+#: outputs.
 DEVICE_STAGES: tuple[str, ...] = ("build_engine", "verify", "report")
+#: Stages a latency bundle continues with: the table is measured where its runtime runs.
+LATENCY_STAGES: tuple[str, ...] = ("latency_table",)
+#: Each kind of bundle: its device stages -> the host stages its run folder must have finished
+#: (besides load and every stage before them), the last one being the stage to run it until.
+BUNDLE_KINDS: dict[tuple[str, ...], tuple[str, ...]] = {
+    DEVICE_STAGES: ("export_onnx", "verify"), LATENCY_STAGES: ("latency_blocks",)}
 #: Image the device side runs in (docker/jetson).
 DEVICE_IMAGE = "xpdeploy-jetson:r36"
 _MODES = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz"}
@@ -102,7 +125,11 @@ class BundleManifest(BaseModel):
     stages: dict[str, dict[str, RecordedOutput]] = Field(
         description="host stage -> its outputs (files of torch models are not packed)"
     )
-    reference: ReferenceLogits = Field(description="the host's torch logits (a member)")
+    device_stages: tuple[str, ...] = Field(
+        DEVICE_STAGES, description="what the bundle continues with on the device (one of "
+        "BUNDLE_KINDS; a format-2 bundle, which has no such field, is an engine bundle)")
+    reference: ReferenceLogits | None = Field(
+        None, description="the host's torch logits (a member); engine bundles only")
     calibration: CalibrationInfo | None = None
     root: Path | None = Field(None, exclude=True)
 
@@ -131,11 +158,38 @@ class BundleManifest(BaseModel):
                             created=self.created)
 
 
-def continuation_command(tar: Path) -> str:
+def continuation_command(tar: Path, stages: tuple[str, ...] = DEVICE_STAGES) -> str:
     """The command that continues a run from its bundle ``tar`` on the device (Jetson image),
     typed in the folder that holds the bundle there."""
     return (f'docker run --rm --runtime nvidia -v "$PWD":/work {DEVICE_IMAGE} '
-            f"xpdeploy run {tar.name} --stages {','.join(DEVICE_STAGES)}")
+            f"xpdeploy run {tar.name} --stages {','.join(stages)}")
+
+
+def bundle_command(run_dir: Path, out_tar: Path, stages: tuple[str, ...] = DEVICE_STAGES) -> str:
+    """The host command (``xpdeploy bundle``) that packs ``run_dir`` into ``out_tar`` for the
+    device stages ``stages``."""
+    option = "" if stages == DEVICE_STAGES else f" --stages {','.join(stages)}"
+    return f"xpdeploy bundle {run_dir} -o {out_tar}{option}"
+
+
+def plan_command(run_dir: str | Path, table: str | Path) -> str:
+    """The host command that continues the run in ``run_dir`` with the latency table ``table``
+    measured on the device (the prune stage plans with it)."""
+    return f"{_finish_hint(Path(run_dir))} --set prune.latency.table={table}"
+
+
+def bundle_stages(text: str | None) -> tuple[str, ...]:
+    """The device stages of the bundle asked for with ``--stages text`` (comma-separated, any
+    of one kind's stages; None: an engine bundle)."""
+    if text is None:
+        return DEVICE_STAGES
+    wanted = {s.strip() for s in text.split(",") if s.strip()}
+    for kind in BUNDLE_KINDS:
+        if wanted and wanted <= set(kind):
+            return kind
+    kinds = " or ".join(f"{','.join(k)} (a run finished up to {needs[-1]})"
+                        for k, needs in BUNDLE_KINDS.items())
+    raise ConfigError(f"--stages {text!r}: a bundle continues with {kinds}; one kind per bundle")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,21 +200,23 @@ def _finish_hint(run_dir: Path) -> str:
     return f"xpdeploy run {run_dir / RESOLVED_PIPELINE} --run-dir {run_dir}"
 
 
-def _require_manifest(folder: RunFolder, stage: str) -> dict[str, Any]:
+def _require_manifest(folder: RunFolder, stage: str, until: str) -> dict[str, Any]:
+    """``stage``'s manifest; ``until``: the stage the run must reach for this bundle."""
     manifest = folder.read_manifest(stage)
     if manifest is None:
         raise RunFolderError(
             f"run folder {folder.root} has no finished '{stage}' stage "
             f"({folder.stage_dir(stage).name}/manifest.json is missing); finish the run first with "
-            f"{_finish_hint(folder.root)} --until verify"
+            f"{_finish_hint(folder.root)} --until {until}"
         )
     return manifest
 
 
-def _checked_outputs(folder: RunFolder, stage: str) -> tuple[dict[str, Any], dict[str, Artifact]]:
+def _checked_outputs(folder: RunFolder, stage: str, until: str
+                     ) -> tuple[dict[str, Any], dict[str, Artifact]]:
     """The stage's manifest and artifacts, after checking that their files still have the
     recorded digests."""
-    manifest = _require_manifest(folder, stage)
+    manifest = _require_manifest(folder, stage, until)
     outputs = folder.current_outputs(stage, manifest.get("fingerprint", ""))
     if outputs is None:
         raise RunFolderError(
@@ -224,13 +280,21 @@ def _reset_owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def make_bundle(
-    run_dir: str | Path, out_tar: str | Path, *, calibration_root: str | Path | None = None
+    run_dir: str | Path, out_tar: str | Path, *, stages: tuple[str, ...] = DEVICE_STAGES,
+    calibration_root: str | Path | None = None,
 ) -> BundleManifest:
-    """Pack a run folder whose export, simplify and verify stages finished into ``out_tar``.
+    """Pack a run folder into ``out_tar`` for the device stages ``stages`` (one of
+    :data:`BUNDLE_KINDS`): an engine bundle needs export, simplify and verify finished, a latency
+    bundle ``latency_blocks`` (module doc).
 
     ``calibration_root``: the folder the calibration manifest's paths are relative to (default:
     the ``source`` recorded in the manifest). The tar is written atomically (temp file + rename).
     """
+    if stages not in BUNDLE_KINDS:
+        raise ConfigError(f"a bundle continues with {' or '.join(map(','.join, BUNDLE_KINDS))}, "
+                          f"not {','.join(stages)}")
+    needs = BUNDLE_KINDS[stages]
+    until = needs[-1]
     run_dir = Path(run_dir).resolve()
     out_tar = Path(out_tar)
     mode = _tar_mode(out_tar)
@@ -241,17 +305,63 @@ def make_bundle(
         )
     spec = load_spec(run_dir / RESOLVED_PIPELINE)
     folder = RunFolder(run_dir)
-    stages = spec.stage_list()
-    host = [s for s in stages if STAGE_ORDER.index(s) < STAGE_ORDER.index(DEVICE_STAGES[0])]
-    for stage in ("load", "export_onnx", *host, "verify"):
-        _require_manifest(folder, stage)
+    pipeline_stages = spec.stage_list()
+    if until not in pipeline_stages:
+        why = " (prune.target_latency_ms plans with a latency table)" if (
+            stages == LATENCY_STAGES) else ""
+        raise RunFolderError(
+            f"pipeline '{spec.name}' in {run_dir} has no '{until}' stage, so there is nothing "
+            f"to continue with {','.join(stages)} on a device{why}")
+    host = [s for s in pipeline_stages if STAGE_ORDER.index(s) < STAGE_ORDER.index(stages[0])]
+    for stage in dict.fromkeys(("load", *needs[:-1], *host, until)):
+        _require_manifest(folder, stage, until)
     manifests, outputs = {}, {}
     for stage in host:
-        manifests[stage], outputs[stage] = _checked_outputs(folder, stage)
+        manifests[stage], outputs[stage] = _checked_outputs(folder, stage, until)
     recorded = {stage: {name: RecordedOutput.model_validate(entry)
                         for name, entry in manifest["outputs"].items()}
                 for stage, manifest in manifests.items()}
-    verify_manifest, verify = _checked_outputs(folder, "verify")
+    reference = None
+    if stages == LATENCY_STAGES:
+        packed = [RESOLVED_PIPELINE, *_files_of(outputs, "latency_blocks")]
+    else:
+        reference = _reference(folder, recorded)
+        packed = [RESOLVED_PIPELINE, *outputs["load"]["verify_set"].files(),
+                  *_files_of(outputs, "export_onnx", "simplify")]
+    sources = {rel: run_dir / rel for rel in packed}
+    if reference is not None:
+        sources[REFERENCE_NPZ] = run_dir / reference.file
+    with tempfile.TemporaryDirectory(prefix="xpdeploy-bundle-") as tmp:
+        staging = Path(tmp)
+        calibration = None
+        if stages == DEVICE_STAGES:
+            calibration = _calibration(spec, _typed(outputs["load"]["model"], TorchModel),
+                                       calibration_root and Path(calibration_root),
+                                       staging / CALIBRATION_NPZ)
+        if calibration is not None:
+            sources[CALIBRATION_NPZ] = staging / CALIBRATION_NPZ
+        manifest = BundleManifest(
+            xpdeploy_version=__version__, pipeline=spec.name, source_run=str(run_dir),
+            created=now_iso(), members=[_member(rel, f) for rel, f in sources.items()],
+            stages=recorded, device_stages=stages,
+            reference=reference and reference.model_copy(update={"file": REFERENCE_NPZ}),
+            calibration=calibration,
+        )
+        (staging / BUNDLE_JSON).write_text(_manifest_json(manifest))
+        _write_tar(out_tar, mode, {BUNDLE_JSON: staging / BUNDLE_JSON, **sources})
+    return manifest
+
+
+def _files_of(outputs: dict[str, dict[str, Artifact]], *stages: str) -> list[str]:
+    """Every file of the outputs of ``stages`` (those that ran), run-folder relative."""
+    return [f for stage in stages for a in outputs.get(stage, {}).values() for f in a.files()]
+
+
+def _reference(folder: RunFolder, recorded: dict[str, dict[str, RecordedOutput]]
+               ) -> ReferenceLogits:
+    """The torch logits of the run's verify stage, after checking that verify read what the
+    host stages hold now."""
+    verify_manifest, verify = _checked_outputs(folder, "verify", "verify")
     reference = verify.get("reference")
     if not isinstance(reference, ReferenceLogits):
         raise RunFolderError(
@@ -259,27 +369,7 @@ def make_bundle(
             f"artifact); rerun it with {_finish_hint(folder.root)} --from verify --force"
         )
     _check_verify_inputs(folder, verify_manifest, recorded)
-    packed = [RESOLVED_PIPELINE, *outputs["load"]["verify_set"].files()]
-    for stage in ("export_onnx", "simplify"):
-        packed += [f for a in outputs.get(stage, {}).values() for f in a.files()]
-    sources = {rel: run_dir / rel for rel in packed}
-    sources[REFERENCE_NPZ] = run_dir / reference.file
-    with tempfile.TemporaryDirectory(prefix="xpdeploy-bundle-") as tmp:
-        staging = Path(tmp)
-        calibration = _calibration(spec, _typed(outputs["load"]["model"], TorchModel),
-                                   calibration_root and Path(calibration_root),
-                                   staging / CALIBRATION_NPZ)
-        if calibration is not None:
-            sources[CALIBRATION_NPZ] = staging / CALIBRATION_NPZ
-        manifest = BundleManifest(
-            xpdeploy_version=__version__, pipeline=spec.name, source_run=str(run_dir),
-            created=now_iso(), members=[_member(rel, f) for rel, f in sources.items()],
-            stages=recorded, reference=reference.model_copy(update={"file": REFERENCE_NPZ}),
-            calibration=calibration,
-        )
-        (staging / BUNDLE_JSON).write_text(_manifest_json(manifest))
-        _write_tar(out_tar, mode, {BUNDLE_JSON: staging / BUNDLE_JSON, **sources})
-    return manifest
+    return reference
 
 
 def _typed(artifact: Artifact, cls: type[_A]) -> _A:
@@ -368,17 +458,11 @@ def read_bundle(root: str | Path, *, names: list[str] | None = None) -> BundleMa
     root = Path(root)
     path = root / BUNDLE_JSON
     try:
-        data = json.loads(path.read_bytes())
-        fmt = data.get("format") if isinstance(data, dict) else None
-        if fmt != BUNDLE_FORMAT and isinstance(fmt, int):
-            fix = ("upgrade xpdeploy on the device" if fmt > BUNDLE_FORMAT else
-                   "make it again with this xpdeploy (xpdeploy bundle RUN_DIR)")
-            raise DataError(f"bundle {root} has format {fmt}, this xpdeploy {__version__} reads "
-                            f"format {BUNDLE_FORMAT}; {fix}")
-        manifest = BundleManifest.model_validate(data)
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())[:200]
-        raise DataError(f"{path} is missing or invalid ({reason}); make the bundle again") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} is missing or invalid ({e.strerror or e}); make the bundle "
+                        "again") from None
+    manifest = _parse_manifest(raw, root, path)
     listed = set(manifest.member_paths())
     extra = sorted(set(names or ()) - listed - {BUNDLE_JSON})
     if extra:
@@ -387,6 +471,38 @@ def read_bundle(root: str | Path, *, names: list[str] | None = None) -> BundleMa
     for member in manifest.members:
         _verify_member(root, member)
     return manifest.model_copy(update={"root": root})
+
+
+def bundle_header(tar_path: str | Path) -> BundleManifest:
+    """``bundle.json`` of a bundle tar, read without extracting anything (members unchecked):
+    what the bundle continues with, before a device run decides what to extract and run."""
+    tar_path = Path(tar_path)
+    if not tar_path.is_file():
+        raise DataError(f"bundle {tar_path} does not exist; make it with xpdeploy bundle RUN_DIR")
+    with _open_tar(tar_path) as tar:
+        for info in tar:  # bundle.json comes first (_write_tar)
+            if info.name == BUNDLE_JSON and info.isfile():
+                fh = tar.extractfile(info)
+                assert fh is not None  # a regular file
+                return _parse_manifest(fh.read(), tar_path, tar_path / BUNDLE_JSON)
+    raise DataError(f"bundle {tar_path} has no {BUNDLE_JSON}; make the bundle again with "
+                    "xpdeploy bundle")
+
+
+def _parse_manifest(raw: bytes, bundle: Path, path: Path) -> BundleManifest:
+    """``bundle.json``'s content, checked: a format this xpdeploy reads, every field valid."""
+    try:
+        data = json.loads(raw)
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if fmt not in READ_FORMATS and isinstance(fmt, int):
+            fix = ("upgrade xpdeploy on the device" if fmt > BUNDLE_FORMAT else
+                   "make it again with this xpdeploy (xpdeploy bundle RUN_DIR)")
+            raise DataError(f"bundle {bundle} has format {fmt}, this xpdeploy {__version__} reads "
+                            f"formats {', '.join(map(str, READ_FORMATS))}; {fix}")
+        return BundleManifest.model_validate(data)
+    except ValueError as e:
+        reason = " ".join(str(e).split())[:200]
+        raise DataError(f"{path} is missing or invalid ({reason}); make the bundle again") from None
 
 
 def _verify_member(root: Path, member: BundleMember) -> None:

@@ -67,12 +67,13 @@ class Continuation:
     ``outputs``: stage -> output name -> (artifact, digest the host recorded). Not every file of
     these artifacts travels (model weights stay on the host), so the recorded digests stand for
     them; the bundle's member digests were checked when it was extracted.
-    ``reference``: the torch logits ``verify`` compares with (no torch on the device).
+    ``reference``: the torch logits ``verify`` compares with (no torch on the device); None for
+    a bundle that does not verify (a latency bundle).
     """
 
     stages: tuple[str, ...]
     outputs: dict[str, dict[str, tuple[Artifact, str]]]
-    reference: ReferenceLogits
+    reference: ReferenceLogits | None
     origin: BundleOrigin
 
 
@@ -239,13 +240,17 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
     """The pipeline's data flow, top to bottom (each stage is ``xpdeploy.stages.<name>``)."""
     loaded = ex.step("load", {})
     model, verify_set = loaded["model"], loaded["verify_set"]
-    masks = pruned = plan = exported = simplified = parity = run_report = None
+    masks = pruned = plan = exported = simplified = parity = run_report = latency = None
     if ex.wants("train"):
         model = ex.step("train", {"model": model})["model"]
+    if ex.wants("latency_blocks"):
+        blocks = ex.step("latency_blocks", {"model": model})["blocks"]
+        if ex.wants("latency_table"):
+            latency = ex.step("latency_table", {"blocks": blocks})["table"]
     if ex.wants("learn_masks"):
         masks = ex.step("learn_masks", {"model": model})["masks"]
     if ex.wants("prune"):
-        out = ex.step("prune", {"model": model, "masks": masks})
+        out = ex.step("prune", {"model": model, "masks": masks, "latency": latency})
         pruned, plan = out["model"], out["plan"]
     if ex.wants("finetune"):
         pruned = ex.step("finetune", {"model": pruned, "teacher": model})["model"]
@@ -262,11 +267,13 @@ def _flow(ex: StageExecutor) -> tuple[ParityReport | None, RunReport | None]:
     if ex.wants("verify"):
         parity = ex.step("verify", {
             **models, "verify_set": verify_set, "exported": exported, "simplified": simplified,
-            "engines": built, "reference": device.reference if device else None})["parity"]
+            "engines": built, "reference": device.reference if device else None,
+            "plan": plan})["parity"]
     if ex.wants("report"):
         run_report = ex.step("report", {
             "model": model, "parity": parity, "plan": plan, "masks": masks, "pruned": pruned,
-            "engines": built, "origin": device.origin if device else None})["report"]
+            "engines": built, "origin": device.origin if device else None,
+            "latency": latency})["report"]
     return parity, run_report
 
 

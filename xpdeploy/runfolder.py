@@ -36,6 +36,8 @@ from xpdeploy.artifacts import (
     Artifact,
     BundleOrigin,
     EngineSet,
+    LatencyBlocks,
+    LatencyTable,
     MaskSet,
     OnnxModels,
     ParityReport,
@@ -47,7 +49,7 @@ from xpdeploy.artifacts import (
 )
 from xpdeploy.errors import RunFolderError
 from xpdeploy.fileio import write_json_atomic, write_text_atomic
-from xpdeploy.spec import STAGE_ORDER, PipelineSpec, dump_spec
+from xpdeploy.spec import FOLDER_ORDER, PipelineSpec, dump_spec
 
 MANIFEST_SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -56,15 +58,16 @@ KEEP_ON_RERUN = ("checkpoints",)  # resumable state survives a rerun of an unfin
 ARTIFACT_TYPES: dict[str, type[Artifact]] = {
     cls.__name__: cls
     for cls in (TorchModel, VerifySet, OnnxModels, ParityReport, RunReport, MaskSet, PrunePlan,
-                EngineSet, ReferenceLogits, BundleOrigin)
+                EngineSet, ReferenceLogits, BundleOrigin, LatencyBlocks, LatencyTable)
 }
 Digest = Callable[[Artifact], str]
 _TOOLS = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxsim", "tensorrt", "numpy")
 
 
 def stage_folder_name(stage: str) -> str:
-    """``01_load`` ... ``10_report``: numbered by the global stage order so names never shift."""
-    return f"{STAGE_ORDER.index(stage) + 1:02d}_{stage}"
+    """``01_load`` ... ``10_report``, ``11_latency_blocks``: numbered by :data:`FOLDER_ORDER`,
+    which only ever grows at its end, so names never shift."""
+    return f"{FOLDER_ORDER.index(stage) + 1:02d}_{stage}"
 
 
 def now_iso() -> str:

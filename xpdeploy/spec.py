@@ -31,6 +31,8 @@ from xpdeploy.errors import ConfigError
 STAGE_ORDER: tuple[str, ...] = (
     "load",
     "train",
+    "latency_blocks",
+    "latency_table",
     "learn_masks",
     "prune",
     "finetune",
@@ -43,8 +45,16 @@ STAGE_ORDER: tuple[str, ...] = (
 #: Stages that consume another stage's output.
 STAGE_NEEDS: dict[str, str] = {
     "simplify": "export_onnx", "report": "verify", "finetune": "prune",
-    "build_engine": "export_onnx",
+    "build_engine": "export_onnx", "latency_table": "latency_blocks",
 }
+#: Stage folders are numbered in this order, which never changes: a new stage is appended, so the
+#: folders of existing run folders keep their names (``runfolder.stage_folder_name``).
+FOLDER_ORDER: tuple[str, ...] = (
+    "load", "train", "learn_masks", "prune", "finetune", "export_onnx", "simplify",
+    "build_engine", "verify", "report", "latency_blocks", "latency_table",
+)
+#: Runtimes a latency table can be measured on (``prune.latency.runtime``).
+LatencyRuntime = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"]
 
 #: Prune criteria whose scores come from the learned masks (they need ``learn_masks``).
 MASK_CRITERIA: tuple[str, ...] = ("xpruner", "xpruner_taylor")
@@ -297,12 +307,57 @@ class SensitivityConfig(Section):
                         "again, up to this many times")
 
 
+class LatencyConfig(Section):
+    """``prune.latency``: the latency model a ``target_latency_ms`` is planned with.
+
+    Every (heads kept, MLP width) of every distinct block shape is exported to ONNX and timed on
+    ``runtime`` at ``batch``, interleaved against the full block, in ``rounds`` rounds (the ratio
+    of medians and its spread); the table is cached by architecture, runtime, precision, batch,
+    threads and device fingerprint (docs/method.md, "Latency budgets").
+    """
+
+    runtime: LatencyRuntime = Field(
+        "onnxruntime-cpu", description="what the table is measured on: onnxruntime-cpu here, "
+        "onnxruntime-cuda on a GPU host, tensorrt on the device (a latency bundle)")
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="tensorrt only: the engines' precision (onnxruntime runs fp32)")
+    batch: int = Field(1, gt=0, description="images per call the latency is planned for")
+    threads: int = Field(1, gt=0, description="onnxruntime-cpu intra-op threads: 1 holds still "
+                         "on a small shared machine (docs/benchmarks.md, issue 17)")
+    mlp_step: int | None = Field(None, gt=0, description="MLP widths on the grid every this many "
+                                 "neurons; null: prune.round_mlp_to (must be a multiple of it)")
+    warmup: int = Field(3, ge=0, description="untimed calls per grid point and runner")
+    iters: int = Field(15, gt=0, description="timed calls per grid point, over all rounds")
+    rounds: int = Field(3, gt=0, description="interleaved rounds: the spread of their ratios "
+                        "says how stable a figure is")
+    max_spread: float = Field(0.05, gt=0, lt=1, description="a point whose ratio spread over "
+                              "rounds (half-range / median) exceeds this is re-measured, then "
+                              "marked unstable")
+    validation_models: int = Field(5, ge=0, description="whole pruned models of different shapes "
+                                   "whose measured latency checks the table's prediction")
+    table: InputFile = Field(None, description="a table measured elsewhere (the device's "
+                             "latency_table/table.json); checked against this model and runtime")
+    cache: bool = Field(True, description="reuse and store tables in XPDEPLOY_CACHE "
+                        "(default ~/.cache/xpdeploy)/latency_tables")
+
+    @model_validator(mode="after")
+    def _precision_of_runtime(self) -> LatencyConfig:
+        if self.precision != "fp32" and self.runtime != "tensorrt":
+            raise ValueError(f"precision {self.precision!r} is for runtime 'tensorrt'; "
+                             f"{self.runtime} runs fp32")
+        return self
+
+
 class PruneConfig(Section):
     """``prune``: scores of one criterion -> kept heads and neurons at an exact MAC budget."""
 
     criterion: Literal["xpruner", "xpruner_taylor", "magnitude", "taylor", "random"] = "xpruner"
     target_gmacs: float | None = Field(None, gt=0, description="kept MACs per image, in 1e9")
     target_ratio: float | None = Field(None, gt=0, lt=1, description="kept / original MACs")
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="ms per batch of prune.latency.batch on prune.latency.runtime, "
+        "planned with a measured latency table (ranking: sensitivity)")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
     ranking: Literal["global", "threshold", "sensitivity"] = Field(
         "sensitivity", description="how the MAC budget is split over blocks: measured KL per "
         "block (sensitivity, the default by evidence: docs/benchmarks.md, issue 15), one queue of "
@@ -329,10 +384,21 @@ class PruneConfig(Section):
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
         if self.plan_file is not None:
-            if self.target_gmacs is not None or self.target_ratio is not None:
-                raise ValueError("'plan_file' replays a plan: drop target_gmacs / target_ratio")
-        elif (self.target_gmacs is None) == (self.target_ratio is None):
-            raise ValueError("set exactly one of 'target_gmacs' and 'target_ratio'")
+            if self.target_gmacs is not None or self.target_ratio is not None \
+                    or self.target_latency_ms is not None:
+                raise ValueError("'plan_file' replays a plan: drop target_gmacs / target_ratio / "
+                                 "target_latency_ms")
+        elif sum(t is not None for t in (self.target_gmacs, self.target_ratio,
+                                         self.target_latency_ms)) != 1:
+            raise ValueError("set exactly one of 'target_gmacs', 'target_ratio' and "
+                             "'target_latency_ms'")
+        if self.target_latency_ms is not None and self.ranking != "sensitivity":
+            raise ValueError(f"'target_latency_ms' is spent per block by the measured allocator; "
+                             f"use 'ranking: sensitivity' (not {self.ranking!r})")
+        step = self.latency.mlp_step
+        if step is not None and step % self.round_mlp_to:
+            raise ValueError(f"latency.mlp_step {step} must be a multiple of round_mlp_to "
+                             f"({self.round_mlp_to}): the grid holds the widths a plan may keep")
         if self.mask_score == "coverage" and self.ranking != "sensitivity":
             raise ValueError(f"'mask_score: coverage' orders units within a block only, so "
                              f"ranking {self.ranking!r} would cut every block alike; use "
@@ -422,6 +488,9 @@ class VerifyConfig(Section):
     max_export_diff: float | None = Field(
         1e-3, gt=0, description="every ONNX candidate vs its own torch model: max abs logit diff"
     )
+    max_latency_miss: float | None = Field(
+        0.10, gt=0, description="prune.target_latency_ms: the pruned model may measure at most "
+        "this fraction above its target (0.10 = 10%) or the run fails; null: report only")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -564,6 +633,9 @@ class PipelineSpec(Section):
             extra = (["learn_masks", "prune"] if self.prune.criterion in MASK_CRITERIA
                      else ["prune"])
             default[at:at] = extra + (["finetune"] if self.finetune is not None else [])
+            if self.prune.target_latency_ms is not None:
+                at = default.index("learn_masks" if "learn_masks" in default else "prune")
+                default[at:at] = ["latency_blocks", "latency_table"]
         return default
 
     def check_runnable(self) -> None:
@@ -585,6 +657,10 @@ class PipelineSpec(Section):
                 f"prune.criterion {self.prune.criterion!r} needs the 'learn_masks' stage; add it "
                 "to 'stages' or choose criterion magnitude, taylor or random"
             )
+        if (self.prune is not None and self.prune.target_latency_ms is not None
+                and "prune" in stages and "latency_table" not in stages):
+            raise ConfigError("prune.target_latency_ms plans with a latency table; add "
+                              "'latency_blocks' and 'latency_table' to 'stages' (before 'prune')")
         for stage, needs in STAGE_NEEDS.items():
             if stage in stages and needs not in stages:
                 raise ConfigError(f"stage '{stage}' needs '{needs}' in 'stages'; add it")

@@ -49,8 +49,10 @@ class DeviceMemoryBackend(MemoryBackend):
         return self.identity
 
 
-def _onnx_io(path: str) -> tuple[str, tuple[int, ...], int]:
-    """(input name, input shape with -1 for symbolic dims, number of classes) of an ONNX file."""
+def _onnx_io(path: str) -> tuple[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]]]:
+    """(name, shape with -1 for symbolic dims) of an ONNX file's input and of its first output:
+    ("pixels", (-1, 3, 16, 16)) and ("logits", (-1, 10)) for a model, ("tokens", (-1, 17, 32))
+    and ("tokens_out", (-1, 17, 32)) for a block of a latency grid."""
     model = onnx.load(path, load_external_data=False)
     inp, out = model.graph.input[0], model.graph.output[0]
 
@@ -58,7 +60,7 @@ def _onnx_io(path: str) -> tuple[str, tuple[int, ...], int]:
         return tuple(d.dim_value if d.HasField("dim_value") else -1
                      for d in t.type.tensor_type.shape.dim)
 
-    return inp.name, dims(inp), dims(out)[-1]
+    return (inp.name, dims(inp)), (out.name, dims(out))
 
 
 def make_ort_backed_trt(
@@ -78,7 +80,7 @@ def make_ort_backed_trt(
 
     class OnnxParser(base_parser):  # type: ignore[misc, valid-type]
         def parse_from_file(self, path: str) -> bool:
-            name, shape, _ = _onnx_io(path)
+            (name, shape), _ = _onnx_io(path)
             sc.inputs = [FakeTensor(name, shape)]
             builds.append({"onnx": path, "profile": None, "flags": [], "first_call": len(calls)})
             return super().parse_from_file(path)
@@ -150,9 +152,9 @@ class OrtEngine:
         import onnxruntime as ort
 
         self.note, self.sc, self.memory = note, sc, memory
-        name, shape, classes = _onnx_io(note["onnx"])
-        self.input_name = name
-        self.tensors = [(name, True, (-1, *shape[1:])), ("logits", False, (-1, classes))]
+        (name, shape), (out_name, out_shape) = _onnx_io(note["onnx"])
+        self.input_name, self.output_name = name, out_name
+        self.tensors = [(name, True, (-1, *shape[1:])), (out_name, False, (-1, *out_shape[1:]))]
         self.num_io_tensors = 2
         self.reduced = "FP16" in note["flags"] or "INT8" in note["flags"] or (
             "fp16" in Path(note["onnx"]).name or "int8" in Path(note["onnx"]).name)
@@ -206,7 +208,7 @@ class OrtContext:
         assert self.shape is not None
         if name == self.engine.input_name:
             return self.shape
-        return (self.shape[0], self.engine.tensors[1][2][1])
+        return (self.shape[0], *self.engine.tensors[1][2][1:])
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         self.addresses[name] = ptr
@@ -219,11 +221,11 @@ class OrtContext:
         assert self.shape is not None
         n = int(np.prod(self.shape))
         x = memory.store[self.addresses[self.engine.input_name]][: n * 4].view(np.float32)
-        logits = self.engine.session.run(None, {self.engine.input_name: x.reshape(self.shape)})[0]
+        out = self.engine.session.run(None, {self.engine.input_name: x.reshape(self.shape)})[0]
         if self.engine.reduced:
-            logits = logits.astype(np.float16)
-        raw = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1).view(np.uint8)
-        memory.store[self.addresses["logits"]][: raw.size] = raw
+            out = out.astype(np.float16)
+        raw = np.ascontiguousarray(out, dtype=np.float32).reshape(-1).view(np.uint8)
+        memory.store[self.addresses[self.engine.output_name]][: raw.size] = raw
         return True
 
 

@@ -92,3 +92,47 @@ def test_kept_counts_are_the_floor_the_multiples_and_the_full_size() -> None:
     assert kept_counts(30, 5, 8) == [5, 8, 16, 24, 30]
     assert kept_counts(3, 1, 1) == [1, 2, 3]
     assert kept_counts(4, 9, 8) == [4]
+
+
+def _latency_brute_force(curves: SensitivityCurves, table, target_ms: float,
+                         c: PlanConstraints) -> tuple[float, tuple[tuple[int, int], ...]]:
+    floor_h, floor_m = c.floors(MACS)
+    options = [[(h, m) for h, m in table.options(b) if h >= floor_h[b] and m >= floor_m[b]]
+               for b in range(3)]
+    best = None
+    for pick in itertools.product(*options):
+        if table.predict([h for h, _ in pick], [m for _, m in pick]) > target_ms + 1e-12:
+            continue
+        loss = sum(curves.heads[b].at(h) + curves.neurons[b].at(m)
+                   for b, (h, m) in enumerate(pick))
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, pick)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed,share", [(0, 0.5), (1, 0.7), (2, 0.35)])
+def test_a_latency_budget_is_spent_optimally_and_never_exceeded(seed: int, share: float) -> None:
+    from tests.latency.tables import small_table
+    from xpdeploy.prune.allocation import LatencyTarget
+
+    table = small_table().model_copy(update={"scale": 0.8, "per_block_ms": 0.02})
+    curves = _curves(seed)
+    smallest, full = table.predict([1] * 3, [8] * 3), table.predict([3] * 3, [32] * 3)
+    target = smallest + share * (full - smallest)
+    got = solve_budgets(curves, MACS, LatencyTarget(table, target), ROUND8)
+    loss, _ = _latency_brute_force(curves, table, target, ROUND8)
+    assert got.predicted_loss == pytest.approx(loss, abs=1e-9)
+    assert table.predict(got.heads, got.mlp) <= target
+    # A latency plan is the table's grid points themselves: no MAC repair moves it.
+    assert all((h, m) in table.options(b)
+               for b, (h, m) in enumerate(zip(got.heads, got.mlp, strict=True)))
+
+
+def test_a_latency_budget_below_every_option_is_one_clear_error() -> None:
+    from tests.latency.tables import small_table
+    from xpdeploy.prune.allocation import LatencyTarget
+
+    table = small_table()
+    with pytest.raises(PruneError, match=r"no per-block budget fits 0.4 ms"):
+        solve_budgets(_curves(0), MACS, LatencyTarget(table, 0.4), ROUND8)

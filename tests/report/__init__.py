@@ -34,8 +34,13 @@ def candidate(
     p50: dict[int, float],
     base_p50: dict[int, float],
     synthetic: bool,
+    spread: dict[int, float] | None = None,
+    unstable: list[int] | None = None,
 ) -> CandidateResult:
-    """A candidate 0.4 points below the original (72.5 %), gates from the default GatesConfig."""
+    """A candidate 0.4 points below the original (72.5 %), gates from the default GatesConfig.
+
+    spread: batch -> spread of the speedup over rounds; unstable: batch sizes marked unstable.
+    """
     speedup = {b: base_p50[b] / p50[b] for b in p50}
     delta = top1 - 72.5
     gates = evaluate_gates(
@@ -62,6 +67,8 @@ def candidate(
         latency_ms=[lat(b, v, v * 1.1, v * 1.3) for b, v in p50.items()],
         baseline_latency_ms=[lat(b, v, v * 1.1, v * 1.3) for b, v in base_p50.items()],
         speedup=speedup,
+        speedup_spread=spread or {},
+        unstable=unstable or [],
         gates=gates,
         passed=all(g.passed for g in gates),
     )
@@ -69,6 +76,9 @@ def candidate(
 
 def make_parity(synthetic: bool = False) -> ParityReport:
     """Two candidates: 'pruned' passes every gate, 'pruned-fp16' fails min_agreement (0.985).
+
+    Speedups carry their spread over rounds: 'pruned' +-3% (b1) and +-2% (b32); 'pruned-fp16'
+    +-14% at batch 1, marked unstable, and +-5% at batch 32.
 
     The synthetic variant still carries top-1 numbers, to prove the report drops them.
     """
@@ -82,6 +92,7 @@ def make_parity(synthetic: bool = False) -> ParityReport:
         p50={1: 2.0, 32: 30.0},
         base_p50={1: 3.6, 32: 54.0},
         synthetic=synthetic,
+        spread={1: 0.03, 32: 0.02},
     )
     bad = candidate(
         "pruned-fp16",
@@ -93,6 +104,8 @@ def make_parity(synthetic: bool = False) -> ParityReport:
         p50={1: 1.5, 32: 20.0},
         base_p50={1: 3.5, 32: 52.0},
         synthetic=synthetic,
+        spread={1: 0.14, 32: 0.05},
+        unstable=[1],
     )
     return ParityReport(
         file="08_verify/parity.json",

@@ -6,7 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.report import make_report
-from xpdeploy.report.markdown import fmt_ms, render_markdown, write_markdown
+from xpdeploy.report.markdown import (
+    candidate_speedup,
+    fmt_ms,
+    render_markdown,
+    write_markdown,
+)
 
 
 def report(synthetic: bool = False, **kw: Any) -> dict[str, Any]:
@@ -44,8 +49,15 @@ def test_failed_report_shows_verdict_numbers_and_failed_gate() -> None:
     assert latency[0] == (
         "| candidate | batch | p50 | p90 | p99 | img/s | baseline | baseline p50 | speedup |"
     )
-    assert latency[2] == "| pruned | 1 | 2.00 | 2.20 | 2.60 | 500 | original | 3.60 | 1.80x |"
-    assert latency[3] == "| pruned | 32 | 30.0 | 33.0 | 39.0 | 1067 | original | 54.0 | 1.80x |"
+    assert latency[2] == (
+        "| pruned | 1 | 2.00 | 2.20 | 2.60 | 500 | original | 3.60 | 1.80x +-3% |"
+    )
+    assert latency[3] == (
+        "| pruned | 32 | 30.0 | 33.0 | 39.0 | 1067 | original | 54.0 | 1.80x +-2% |"
+    )
+    assert latency[4].endswith("| original | 3.50 | **2.33x +-14% (unstable)** |")
+    assert latency[5].endswith("| original | 52.0 | 2.60x +-5% |")
+    assert "marked **unstable**" in md
     assert len(latency) == 2 + 4  # two candidates x two batch sizes
     for rows in (parity, latency):
         assert len({row.count("|") for row in rows}) == 1
@@ -226,3 +238,22 @@ def test_environment_after_no_candidates() -> None:
     r["candidates"] = []
     md = render_markdown(r)
     assert "No candidates were verified." in md and "## Environment" in md
+
+
+def test_a_report_without_spreads_shows_bare_speedups() -> None:
+    """Reports written before speedups were measured in rounds have no spread to show."""
+    r = report()
+    for c in r["candidates"]:
+        del c["speedup_spread"], c["unstable"]
+    latency = table_rows(render_markdown(r), "| candidate | batch |")
+    assert latency[2].endswith("| 3.60 | 1.80x |") and latency[4].endswith("| 3.50 | 2.33x |")
+    assert "unstable" not in "".join(latency)
+
+
+def test_speedup_cells() -> None:
+    c = {"speedup": {"1": 1.5, "8": None, "32": 2.0}, "speedup_spread": {"1": None, "32": 0.004},
+         "unstable": [1]}
+    assert candidate_speedup(c, 1) == "1.50x +-? (unstable)"  # a non-finite spread is null
+    assert candidate_speedup(c, 1, bold=True) == "**1.50x +-? (unstable)**"
+    assert candidate_speedup(c, 8) == "n/a" and candidate_speedup(c, 4) == "n/a"
+    assert candidate_speedup(c, 32, bold=True) == "2.00x +-0.4%"

@@ -55,6 +55,9 @@ def test_bars_follow_the_report() -> None:
         "pruned-fp16 (ort-cpu-fp16)",
     ]
     original, pruned, fp16 = groups[1]
-    assert original[1:] == (3.6, pytest.approx(3.96), None)  # first candidate's baseline
+    assert original[1:] == (3.6, pytest.approx(3.96), None, None)  # first candidate's baseline
     assert pruned[1] == 2.0 and pruned[3] == pytest.approx(1.8)
     assert fp16[3] == pytest.approx(3.5 / 1.5)
+    # the label above each bar carries the spread of its rounds, and says when it is unstable
+    assert pruned[4] == "1.80x +-3%" and fp16[4] == "2.33x +-14% (unstable)"
+    assert groups[32][2][4] == "2.60x +-5%"

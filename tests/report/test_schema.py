@@ -55,7 +55,7 @@ def test_structure() -> None:
         "name", "runner", "artifact", "gmacs", "params_m", "top1", "top1_delta", "agreement",
         "max_abs_diff", "mean_abs_diff", "cosine", "latency_ms", "baseline_latency_ms", "speedup",
         "gates", "passed", "source", "baseline", "source_max_abs_diff",
-        "gpu_latency_ms", "runner_info",
+        "gpu_latency_ms", "runner_info", "speedup_spread", "unstable",
     }  # fmt: skip
     assert c["top1"] == 72.1 and c["top1_delta"] == pytest.approx(-0.4)
     assert c["agreement"] == 0.9961 and c["max_abs_diff"] == 1.2e-4 and c["passed"] is True
@@ -63,9 +63,11 @@ def test_structure() -> None:
     assert set(c["latency_ms"][0]) == {"batch", "p50", "p90", "p99", "mean", "iters", "throughput"}
     assert c["latency_ms"][0]["p50"] == 2.0 and c["baseline_latency_ms"][0]["p50"] == 3.6
     assert c["speedup"] == {"1": pytest.approx(1.8), "32": pytest.approx(1.8)}
+    assert c["speedup_spread"] == {"1": 0.03, "32": 0.02} and c["unstable"] == []
     assert set(c["gates"][0]) == {"name", "value", "limit", "passed", "detail"}
     bad = r["candidates"][1]
     assert bad["passed"] is False
+    assert bad["speedup_spread"] == {"1": 0.14, "32": 0.05} and bad["unstable"] == [1]
     assert [g["name"] for g in bad["gates"] if not g["passed"]] == ["min_agreement"]
 
 
@@ -100,12 +102,14 @@ def test_bad_status_is_refused() -> None:
 def test_non_finite_numbers_become_null() -> None:
     parity = make_parity()
     bad = parity.candidates[1].model_copy(
-        update={"max_abs_diff": math.nan, "speedup": {1: math.inf, 32: 2.6}}
+        update={"max_abs_diff": math.nan, "speedup": {1: math.inf, 32: 2.6},
+                "speedup_spread": {1: math.nan, 32: 0.05}}
     )
     parity = parity.model_copy(update={"candidates": [parity.candidates[0], bad]})
     r = build_report(parity, pipeline="p", run_dir="r", status="failed", title=None, environment={})
     assert r["candidates"][1]["max_abs_diff"] is None
     assert r["candidates"][1]["speedup"] == {"1": None, "32": 2.6}
+    assert r["candidates"][1]["speedup_spread"] == {"1": None, "32": 0.05}
     json.dumps(r, allow_nan=False)  # strict JSON
 
 
@@ -164,3 +168,12 @@ def test_write_report_json_refuses_invalid_and_keeps_old(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="'data'"):
         write_report_json(target, r)
     assert target.read_text(encoding="utf-8") == "old"
+
+
+def test_reports_without_spreads_still_validate() -> None:
+    """speedup_spread and unstable are additive: a report written before them stays valid."""
+    r = report()
+    for c in r["candidates"]:
+        del c["speedup_spread"], c["unstable"]
+    validate_report(r)
+    assert r["schema_version"] == 1

@@ -57,7 +57,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Rerun every selected stage even if unchanged.")
 @click.option("--stages", "device_stages", metavar="LIST",
               help="Bundles only: device stages, build_engine,verify,report or verify,report "
-                   "(the default: no TensorRT needed).")
+                   "(the default: no TensorRT needed); latency_table for a latency bundle.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_stage: str | None,
         until: str | None, force: bool, device_stages: str | None, debug: bool) -> None:
@@ -65,7 +65,8 @@ def run(pipeline: Path, run_dir: Path | None, overrides: tuple[str, ...], from_s
 
     PIPELINE may also be a device bundle (X.tar from `xpdeploy bundle`): it then continues here,
     without torch: TensorRT engines are built (--stages build_engine,verify,report) and they and
-    the ONNX files verified against the host's reference logits.
+    the ONNX files verified against the host's reference logits; or, from a latency bundle, the
+    latency table is measured (--stages latency_table) for the host to plan with.
     """
     from xpdeploy.device_run import is_bundle
 
@@ -118,7 +119,7 @@ def _refuse(message: str) -> None:
 def _run_bundle(tar: Path, run_dir: Path | None, stages: str | None, host_options: bool,
                 overrides: tuple[str, ...], force: bool, debug: bool) -> None:
     """``run X.tar``: the device side of a pipeline (xpdeploy.device_run), torch-free."""
-    from xpdeploy.device_run import parse_stages, run_bundle
+    from xpdeploy.device_run import run_bundle, table_file
 
     t0 = time.monotonic()
     name = tar.name.split(".")[0]
@@ -127,8 +128,9 @@ def _run_bundle(tar: Path, run_dir: Path | None, stages: str | None, host_option
         if host_options:
             raise ConfigError("--from/--until apply to pipeline files, not to bundles; choose "
                               "the device stages with --stages")
-        result = run_bundle(tar, run_dir, parse_stages(stages), overrides=overrides, force=force)
-        where = result.run_dir / result.report.markdown_file if result.report else result.run_dir
+        result = run_bundle(tar, run_dir, stages, overrides=overrides, force=force)
+        where = (result.run_dir / result.report.markdown_file if result.report
+                 else table_file(result.run_dir) or result.run_dir)
         click.echo(f"PASSED | {result.name} (device) | {format_duration(result.duration_s)} "
                    f"| {where}")
 

@@ -59,12 +59,15 @@ _QDQ_METHOD = {"minmax": "minmax", "entropy2": "entropy"}
 
 @dataclass(frozen=True)
 class EngineSource:
-    """One ONNX file to build engines from (paths relative to the run folder or bundle root)."""
+    """One ONNX file to build engines from (paths relative to the run folder or bundle root; an
+    absolute path is taken as it is)."""
 
-    label: str  # the torch model it came from: "original", "pruned"
+    label: str  # the torch model it came from: "original", "pruned" (names the plan files)
     onnx_file: str
     input_name: str
-    input_chw: tuple[int, ...]  # model input without the batch axis, e.g. (3, 224, 224)
+    #: one sample's input, without the batch axis: (3, 224, 224) pixels, or (197, 192) tokens of
+    #: a block of a latency grid
+    input_chw: tuple[int, ...]
     attention_blocks: int | None = None  # transformer depth, for the fused-attention check
 
 

@@ -63,7 +63,8 @@ def build_precisions(precision: Precision) -> tuple[BuiltPrecision, ...]:
 
 @dataclass(frozen=True)
 class Profile:
-    """Min / opt / max shapes of one network input, in elements (NCHW for images)."""
+    """Min / opt / max shapes of one network input, in elements (NCHW for images, (N, T, D) for
+    a ViT block's tokens)."""
 
     input_name: str
     min: tuple[int, ...]
@@ -148,7 +149,8 @@ def plan_builds(
     ``precision``: the engine precision to plan (default ``config.precision``); with ``best``
     configured, call once for each of :func:`build_precisions`.
 
-    ``input_chw`` is the model input without the batch axis, e.g. (3, 224, 224). ``profiles`` are
+    ``input_chw`` is the model input without the batch axis, e.g. (3, 224, 224), or the tokens
+    (197, 192) of a block of a latency grid (:mod:`xpdeploy.verify.latency_grid`). ``profiles`` are
     batch ranges (min, opt, max) replacing ``config.batch_sizes`` (see the module docstring).
     ``layernorm_fp32`` overrides the version rule of
     :func:`~xpdeploy.backends.trt_versions.needs_layernorm_fp32` (None: follow the rule).

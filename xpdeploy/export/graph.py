@@ -1,4 +1,4 @@
-"""Reading an exported ONNX file: one-line errors, its single image input, its precision."""
+"""Reading an exported ONNX file: one-line errors, its single input, its precision."""
 
 from __future__ import annotations
 
@@ -33,14 +33,18 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         ) from None
 
 
-def image_input(model: onnx.ModelProto, path: Path) -> tuple[str, int | None, tuple[int, ...]]:
-    """(input name, static batch or None, (C, H, W)) of the model's single image input."""
+def graph_input(model: onnx.ModelProto, path: Path) -> tuple[str, int | None, tuple[int, ...]]:
+    """(input name, static batch or None, one sample's shape) of the model's single input.
+
+    A whole model takes pixels (N, C, H, W); a block of a latency grid takes tokens (N, T, D) for
+    a ViT or (N, H, W, C) for a Swin. Every axis but the batch must be fixed.
+    """
     init = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init]
     dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
-    if len(inputs) != 1 or len(dims) != 4 or not all(d.dim_value > 0 for d in dims[1:]):
+    if len(inputs) != 1 or len(dims) < 2 or not all(d.dim_value > 0 for d in dims[1:]):
         raise ExportError(
-            f"{path.name} must have one (N, C, H, W) input with fixed C, H, W, has "
+            f"{path.name} must have one input (batch first) with fixed other axes, has "
             f"{[i.name for i in inputs]}; re-run export_onnx"
         )
     batch = dims[0].dim_value or None

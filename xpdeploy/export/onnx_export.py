@@ -28,17 +28,23 @@ def export_onnx(
     model: nn.Module,
     path: Path,
     *,
-    input_size: tuple[int, int, int],
+    input_size: tuple[int, ...],
     opset: int,
     trace_batch: int,
     dynamic_batch: bool,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
 ) -> None:
-    """Trace ``model`` at ``trace_batch`` and write a checked ONNX file to ``path`` atomically."""
+    """Trace ``model`` at ``trace_batch`` and write a checked ONNX file to ``path`` atomically.
+
+    ``input_size``: one sample's shape (a model: channels, height, width; one transformer block
+    alone: its token tensor, named e.g. ``tokens``).
+    """
     import onnx
     import torch
 
     example = torch.zeros(trace_batch, *input_size)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
 
     def write(tmp: Path) -> None:
         with plain_attention(model), torch.inference_mode(), warnings.catch_warnings():
@@ -50,8 +56,8 @@ def export_onnx(
                 (example,),
                 str(tmp),
                 dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                input_names=[input_name],
+                output_names=[output_name],
                 opset_version=opset,
                 dynamic_axes=axes,
                 do_constant_folding=True,

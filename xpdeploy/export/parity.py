@@ -12,7 +12,7 @@ import numpy as np
 from xpdeploy.backends.ort_runner import OrtRunner
 from xpdeploy.backends.runner import Runner, infer_all
 from xpdeploy.errors import ExportError, MissingDependencyError
-from xpdeploy.export.graph import first_line, image_input, load_onnx
+from xpdeploy.export.graph import first_line, graph_input, load_onnx
 from xpdeploy.logits import compare_logits
 
 PARITY_SAMPLES = 64  # images of the verify set used by the export and simplify parity checks
@@ -57,7 +57,7 @@ def measure_parity(reference: Path, candidate: Path, pixels: np.ndarray) -> Pari
 
 def _run(path: Path, pixels: np.ndarray) -> np.ndarray:
     """Outputs of ``path`` for ``pixels``; a static-batch model runs in padded chunks."""
-    input_name, static_batch, _ = image_input(load_onnx(path), path)
+    input_name, static_batch, _ = graph_input(load_onnx(path), path)
     try:  # fusion off: Q/DQ pairs run as exact fake quantization (ort_session says why)
         runner = OrtRunner(path, input_name=input_name, optimize=False).__enter__()
     except MissingDependencyError:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from xpdeploy.errors import ExportError, MissingDependencyError
-from xpdeploy.export.graph import first_line, image_input, load_onnx
+from xpdeploy.export.graph import first_line, graph_input, load_onnx
 from xpdeploy.export.parity import Parity, measure_parity
 from xpdeploy.fileio import write_with
 
@@ -149,7 +149,7 @@ def quantize_qdq(
             f"calibration method {method!r} is not supported; use one of {', '.join(methods)}"
         )
     model = load_onnx(src)
-    input_name, static_batch, chw = image_input(model, src)
+    input_name, static_batch, chw = graph_input(model, src)
     calibration = np.asarray(calibration)
     if calibration.ndim != 4 or calibration.shape[1:] != chw or len(calibration) == 0:
         raise ExportError(

@@ -55,3 +55,19 @@ def forward_from_block(model: nn.Module, index: int, x: torch.Tensor) -> torch.T
         for layer in list(layers)[stage + 1:]:
             x = layer(x)
     return model.forward_head(model.norm(x))
+
+
+def without_blocks(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every transformer block removed (identity): what pruning does not
+    touch (patch embedding, Swin's patch merging, norm, head), to be timed on its own."""
+    import copy
+
+    from torch import nn
+
+    stem = copy.deepcopy(model)
+    if hasattr(stem, "blocks"):
+        stem.blocks = nn.Sequential()
+    else:
+        for layer in stem.layers:
+            layer.blocks = nn.Sequential()
+    return stem

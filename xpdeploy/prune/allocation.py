@@ -8,6 +8,14 @@ with ``target x (1 - tolerance) <= MACs <= target``: the same band every plan me
 combination lands in the band, the solver keeps only the upper bound and the planner's repair
 fills the rest).
 
+A latency budget (:class:`LatencyTarget`, ``prune.target_latency_ms``) changes the cost, not the
+method: each block becomes one group whose options are the (heads, MLP width) points of its
+measured latency table, costing their measured ms in the model (``LatencyModel.cost``; latency
+is not additive over heads and MLP width: the joint grid is what was timed), with the loss of
+both curves; the budget is
+``target - fixed_ms`` with no lower band (the least loss under it uses the budget by itself, and
+latency has no exact arithmetic a band could be checked in).
+
 Solved exactly as a 0/1 integer programme by HiGHS through ``scipy.optimize.milp`` (one binary
 per option, one equality per group, the MAC band as one two-sided row) rather than by a dynamic
 programme of our own: a DP needs the MAC axis cut into bins, which is exact only when the unit
@@ -18,13 +26,14 @@ exact arithmetic before it is used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xpdeploy.errors import PruneError
 
 if TYPE_CHECKING:
+    from xpdeploy.latency.table import LatencyModel
     from xpdeploy.prune.mac_model import MacModel
     from xpdeploy.prune.planner import PlanConstraints
     from xpdeploy.prune.sensitivity import SensitivityCurves
@@ -47,48 +56,100 @@ def kept_counts(size: int, floor: int, step: int) -> list[int]:
     return sorted({floor, size, *range(-(-floor // step) * step, size, step)})
 
 
-def solve_budgets(curves: SensitivityCurves, macs: MacModel, target_macs: float,
-                  constraints: PlanConstraints) -> Budgets:
-    """The per-block counts with the least summed loss whose MACs meet the budget (see module)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+@dataclass(frozen=True)
+class LatencyTarget:
+    """A latency budget: ``target_ms`` per batch on the runtime ``table`` was measured on."""
 
+    table: LatencyModel
+    target_ms: float
+
+
+def solve_budgets(curves: SensitivityCurves, macs: MacModel, target: float | LatencyTarget,
+                  constraints: PlanConstraints) -> Budgets:
+    """The per-block counts with the least summed loss within the budget (see module):
+    ``target`` in MACs per image, or a :class:`LatencyTarget`."""
+    if isinstance(target, LatencyTarget):
+        return _solve_latency(curves, macs, target, constraints)
     floor_h, floor_m = constraints.floors(macs)
-    groups: list[tuple[list[int], list[float], float]] = []  # (counts, losses, MACs per unit)
+    groups: list[_Group] = []
     for b, curve in enumerate(curves.heads):
         ks = kept_counts(macs.heads[b], floor_h[b], 1)
-        groups.append((ks, [curve.at(k) for k in ks], macs.head_cost[b]))
+        groups.append(_Group(ks, [curve.at(k) for k in ks],
+                             [k * macs.head_cost[b] for k in ks]))
     for b, curve in enumerate(curves.neurons):
         ks = kept_counts(macs.mlp[b], floor_m[b], constraints.round_mlp_to)
-        groups.append((ks, [curve.at(k) for k in ks], macs.neuron_cost[b]))
+        groups.append(_Group(ks, [curve.at(k) for k in ks],
+                             [k * macs.neuron_cost[b] for k in ks]))
+    room = target - macs.fixed  # what the blocks may cost
+    chosen, loss = _solve_groups(groups, room - target * constraints.tolerance, room)
+    if chosen is None:
+        raise PruneError(f"no per-block budget fits {target / 1e9:.4g} GMACs under the "
+                         "prune constraints; raise the target or lower the floors")
     blocks = len(curves.heads)
-    loss = np.concatenate([np.asarray(g[1]) for g in groups])
-    cost = np.concatenate([np.asarray(g[0], dtype=np.float64) * g[2] for g in groups])
-    sizes = [len(g[0]) for g in groups]
+    counts = [g.options[i] for g, i in zip(groups, chosen, strict=True)]
+    return Budgets(heads=counts[:blocks], mlp=counts[blocks:], predicted_loss=loss)
+
+
+def _solve_latency(curves: SensitivityCurves, macs: MacModel, target: LatencyTarget,
+                   constraints: PlanConstraints) -> Budgets:
+    """One group per block over its table's (heads, width) points that the floors allow."""
+    table = target.table
+    floor_h, floor_m = constraints.floors(macs)
+    groups: list[_Group] = []
+    for b in range(len(curves.heads)):
+        options = [(h, m) for h, m in table.options(b) if h >= floor_h[b] and m >= floor_m[b]]
+        groups.append(_Group(options, [curves.heads[b].at(h) + curves.neurons[b].at(m)
+                                       for h, m in options],
+                             [table.cost(b, h, m) for h, m in options]))
+    chosen, loss = _solve_groups(groups, -np.inf, target.target_ms - table.fixed_ms)
+    if chosen is None:
+        raise PruneError(f"no per-block budget fits {target.target_ms:.4g} ms under the prune "
+                         "constraints; raise the target or lower the floors")
+    picks = [g.options[i] for g, i in zip(groups, chosen, strict=True)]
+    return Budgets(heads=[h for h, _ in picks], mlp=[m for _, m in picks], predicted_loss=loss)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Options of which exactly one is chosen, each with its loss and its cost."""
+
+    options: list[Any]
+    losses: list[float]
+    costs: list[float]
+
+
+def _solve_groups(groups: list[_Group], low: float, high: float
+                  ) -> tuple[list[int] | None, float]:
+    """Index of the chosen option per group, least summed loss with ``low <= cost <= high``
+    (when nothing lands in the band, ``cost <= high`` only), and that loss; None: nothing fits."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    loss = np.concatenate([np.asarray(g.losses, dtype=np.float64) for g in groups])
+    cost = np.concatenate([np.asarray(g.costs, dtype=np.float64) for g in groups])
+    sizes = [len(g.options) for g in groups]
     one_each = np.zeros((len(groups), loss.size))
     start = 0
     for i, n in enumerate(sizes):
         one_each[i, start:start + n] = 1.0
         start += n
-    room = target_macs - macs.fixed  # what the blocks may cost
-    low = room - target_macs * constraints.tolerance
-    scale = 1.0 / room  # the MAC row in units of the budget: well-conditioned for the solver
+    if high <= 0:
+        return None, 0.0
+    scale = 1.0 / high  # the cost row in units of the budget: well-conditioned for the solver
     chosen = None
-    for lower in (low, -np.inf):  # the band; else the upper bound only (repair fills the rest)
+    for lower in dict.fromkeys((low, -np.inf)):  # the band; else the upper bound only
         res = milp(loss, integrality=np.ones(loss.size), bounds=Bounds(0, 1),
                    constraints=[LinearConstraint(one_each, 1, 1),
                                 LinearConstraint(cost[None, :] * scale, lower * scale, 1.0)],
                    options={"mip_rel_gap": 0.0, "presolve": True})
         if res.status == 0 and res.x is not None:
             chosen = np.round(res.x).astype(bool)
-            if float(cost[chosen].sum()) <= room:  # exact check: solver tolerances are relative
+            if float(cost[chosen].sum()) <= high:  # exact check: solver tolerances are relative
                 break
             chosen = None
     if chosen is None:
-        raise PruneError(f"no per-block budget fits {target_macs / 1e9:.4g} GMACs under the "
-                         "prune constraints; raise the target or lower the floors")
-    counts, start = [], 0
-    for (ks, _, _), n in zip(groups, sizes, strict=True):
-        counts.append(ks[int(np.flatnonzero(chosen[start:start + n])[0])])
+        return None, 0.0
+    picks, start = [], 0
+    for n in sizes:
+        picks.append(int(np.flatnonzero(chosen[start:start + n])[0]))
         start += n
-    return Budgets(heads=counts[:blocks], mlp=counts[blocks:],
-                   predicted_loss=float(loss[chosen].sum()))
+    return picks, float(loss[chosen].sum())

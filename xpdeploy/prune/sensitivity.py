@@ -37,7 +37,7 @@ from xpdeploy.errors import PruneError
 from xpdeploy.models.block_io import block_inputs, forward_from_block
 from xpdeploy.models.unit_sites import gated_units
 from xpdeploy.progress import progress
-from xpdeploy.prune.allocation import Budgets, kept_counts, solve_budgets
+from xpdeploy.prune.allocation import Budgets, LatencyTarget, kept_counts, solve_budgets
 from xpdeploy.prune.planner import repair_to_budget
 from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 
@@ -253,7 +253,7 @@ def sensitivity_plan(
     scores: UnitScores,
     batches: Sequence[torch.Tensor],
     macs: MacModel,
-    target_macs: float,
+    target: float | LatencyTarget,
     constraints: PlanConstraints,
     *,
     mlp_step: int,
@@ -261,6 +261,9 @@ def sensitivity_plan(
     curves: SensitivityCurves | None = None,
 ) -> SensitivityPlan:
     """Measure the curves, solve for the budgets, refine ``refine`` times around the choice.
+
+    ``target``: MACs per image (the plan is then repaired to the exact MAC band), or a
+    :class:`~xpdeploy.prune.allocation.LatencyTarget` (the table's grid points are the plan).
 
     A refinement re-measures every curve with the others cut to the current choice and solves
     again; it stops early when the choice no longer changes. ``curves``: the original's curves
@@ -271,13 +274,13 @@ def sensitivity_plan(
     floors = constraints.floors(macs)
     if curves is None:
         curves = measure_curves(model, scores, batches, floors, mlp_step=mlp_step)
-    budgets = solve_budgets(curves, macs, target_macs, constraints)
+    budgets = solve_budgets(curves, macs, target, constraints)
     rounds = [_round(curves, budgets)]
     for _ in range(refine):
         curves = measure_curves(model, scores, batches, floors, mlp_step=mlp_step,
                                 around=(budgets.heads, budgets.mlp))
         rounds[-1]["measured_loss"] = curves.base_loss
-        again = solve_budgets(curves, macs, target_macs, constraints)
+        again = solve_budgets(curves, macs, target, constraints)
         if (again.heads, again.mlp) == (budgets.heads, budgets.mlp):
             break
         budgets = again
@@ -291,7 +294,8 @@ def sensitivity_plan(
     for i, r in enumerate(rounds):
         r["chosen"] = i == best
     keep = scores.keep_top(rounds[best]["heads"], rounds[best]["mlp"])
-    keep = repair_to_budget(keep, scores.normalized("type"), macs, target_macs, constraints)
+    if not isinstance(target, LatencyTarget):
+        keep = repair_to_budget(keep, scores.normalized("type"), macs, target, constraints)
     return SensitivityPlan(keep=keep, rounds=rounds,
                            plan_loss=float(rounds[best]["measured_loss"]))
 

@@ -47,17 +47,23 @@ def prune_model(model: nn.Module, keep: KeepSets) -> nn.Module:
     sites = unit_sites(model)
     _check_plan(keep, sites)
     for site, heads, neurons in zip(sites, keep.heads, keep.neurons, strict=True):
-        heads = np.asarray(heads, dtype=np.int64)
-        neurons = np.asarray(neurons, dtype=np.int64)
-        if not np.array_equal(heads, np.arange(site.heads)):
-            check_attention(site)
-            site.block.attn = _pruned_attention(site.attn, heads)
-        if not np.array_equal(neurons, np.arange(site.mlp_hidden)):
-            check_mlp(site)
-            mlp = site.mlp
-            mlp.fc1 = _linear_rows(mlp.fc1, torch.as_tensor(neurons, device=mlp.fc1.weight.device))
-            mlp.fc2 = _linear_cols(mlp.fc2, torch.as_tensor(neurons, device=mlp.fc2.weight.device))
+        prune_block(site, heads, neurons)
     return model
+
+
+def prune_block(site: UnitSite, heads: np.ndarray, neurons: np.ndarray) -> None:
+    """Keep only ``heads`` and ``neurons`` (sorted indices) in ``site``'s block, in place; a unit
+    type that keeps everything in order is left untouched (see :func:`prune_model`)."""
+    heads = np.asarray(heads, dtype=np.int64)
+    neurons = np.asarray(neurons, dtype=np.int64)
+    if not np.array_equal(heads, np.arange(site.heads)):
+        check_attention(site)
+        site.block.attn = _pruned_attention(site.attn, heads)
+    if not np.array_equal(neurons, np.arange(site.mlp_hidden)):
+        check_mlp(site)
+        mlp = site.mlp
+        mlp.fc1 = _linear_rows(mlp.fc1, torch.as_tensor(neurons, device=mlp.fc1.weight.device))
+        mlp.fc2 = _linear_cols(mlp.fc2, torch.as_tensor(neurons, device=mlp.fc2.weight.device))
 
 
 def hard_gates(

@@ -11,14 +11,22 @@ capture (a flat dict of tool versions) lists those versions instead.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from xpdeploy.environment import is_legacy
 from xpdeploy.fileio import write_text_atomic
+from xpdeploy.verify.gates import fmt_speedup, fmt_spread
 
 NA = "n/a"
 NA_SYNTHETIC = "n/a (synthetic)"
+#: Where the latency table came from (``LatencyTable.source``), as the page says it.
+TABLE_SOURCES = {
+    "measured": "measured in this run",
+    "cache": "from the latency cache (measured earlier on this machine)",
+    "file": "read from prune.latency.table (measured elsewhere)",
+}
 
 
 def _cell(text: object) -> str:
@@ -59,9 +67,30 @@ def fmt_rate(x: float | None) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
 
+def fmt_signed_pct(x: float | None) -> str:
+    """A relative difference in percent, signed, 1 decimal: "+1.7%"."""
+    return NA if x is None else f"{x:+.1f}%"
+
+
 def fmt_ratio(x: float | None) -> str:
     """A speedup such as 1.84x."""
     return NA if x is None else f"{x:.2f}x"
+
+
+def candidate_speedup(c: dict[str, Any], batch: int, *, bold: bool = False) -> str:
+    """One candidate's speedup at ``batch`` from the report dict, with the spread of its rounds:
+    "1.85x +-3%", "2.10x +-14% (unstable)" (in bold with ``bold``), "1.85x" in reports written
+    before rounds were measured, "n/a" when none was measured (or it was not finite)."""
+    value = c["speedup"].get(str(batch))
+    if value is None:
+        return NA
+    spreads = c.get("speedup_spread") or {}
+    spread: float | None = None
+    if str(batch) in spreads:  # null in the JSON: the spread was not finite
+        spread = math.inf if spreads[str(batch)] is None else float(spreads[str(batch)])
+    unstable = batch in (c.get("unstable") or [])
+    text = fmt_speedup(value, spread, unstable)
+    return f"**{text}**" if bold and unstable else text
 
 
 def _fmt_share(x: float | None) -> str:
@@ -137,6 +166,74 @@ def _pruning_section(pruning: dict[str, Any] | None, synthetic: bool) -> list[st
     return [*lines, ""]
 
 
+def _vs_target(ms: float | None, target: float | None) -> str:
+    """How far ``ms`` is from the latency target, in percent of it ("" without both)."""
+    if ms is None or not target:
+        return ""
+    return fmt_signed_pct((ms - target) / target * 100.0)
+
+
+def _latency_budget_section(budget: dict[str, Any] | None) -> list[str]:
+    """The latency budget: target, predicted, measured and original (ms per batch), verify's
+    verdict, and the latency table behind the plan with its validation and plots."""
+    if not budget:
+        return []
+    target, predicted, m = budget["target_ms"], budget["predicted_ms"], budget["measured"]
+    threads = f", {budget['threads']} threads" if budget.get("threads") else ""
+    lines = ["## Latency budget", "",
+             f"Target {fmt_ms(target)} ms per batch of {budget['batch']} on "
+             f"`{budget['runtime']}` ({budget['precision']}{threads}).", "",
+             *_header(["", "ms per batch", "vs target"], "lrr"),
+             _row(["target", fmt_ms(target), ""]),
+             _row(["predicted (latency table)", fmt_ms(predicted), _vs_target(predicted, target)])]
+    if m is not None:
+        spread = math.inf if m["spread"] is None else m["spread"]  # null: not finite
+        lines.append(_row([f"measured (verify, {fmt_spread(spread)} over rounds)",
+                           fmt_ms(m["measured_ms"]), _vs_target(m["measured_ms"], target)]))
+    original = "original (timed interleaved with it)" if m is not None else \
+        "original (latency table)"
+    lines += [_row([original, fmt_ms(budget["original_ms"]),
+                    _vs_target(budget["original_ms"], target)]), ""]
+    if m is None:
+        why = ("a TensorRT target is timed where its engine runs (the device)"
+               if budget["runtime"] == "tensorrt" else "verify timed no pruned model")
+        lines.append(f"Not measured in this run: {why}.")
+    else:
+        verdict = "passed" if m["passed"] else "**FAILED**"
+        tolerance = ("misses not gated: verify.max_latency_miss is unset" if m["tolerance"] is None
+                     else f"up to {m['tolerance']:.0%} over the target allowed")
+        lines.append(f"Latency target {verdict} ({tolerance}; `{m['artifact']}`): "
+                     f"{_one_line(m['detail']).rstrip('.')}.")
+    lines += _latency_table_lines(budget.get("table"))
+    return [*lines, ""]
+
+
+def _latency_table_lines(table: dict[str, Any] | None) -> list[str]:
+    """Provenance of the latency table, its prediction of whole pruned models, its plots."""
+    if not table:
+        return []
+    source = TABLE_SOURCES.get(table["source"], table["source"])
+    when = f" at {table['measured_at']}" if table.get("measured_at") else ""
+    unstable = table["unstable_points"]
+    stability = (f"**{unstable} unstable** (their spread stayed above prune.latency.max_spread "
+                 "after retries; the plan used them)" if unstable else "all stable")
+    lines = ["", f"Latency table `{table['file']}`, {source}, on device `{table['device_id']}`"
+                 f"{when}: {table['points']} grid points, {stability}; it measured the original "
+                 f"at {fmt_ms(table['original_ms'])} ms."]
+    rows = table["validation"]
+    if rows:
+        lines += ["", "Its prediction of whole pruned models (error = (predicted - measured) / "
+                      "measured):", "",
+                  *_header(["validation model", "predicted", "measured", "error"], "lrrr")]
+        lines += [_row([r["name"] or f"#{i + 1}", fmt_ms(r["predicted_ms"]),
+                        fmt_ms(r["measured_ms"]), fmt_signed_pct(r["error_pct"])])
+                  for i, r in enumerate(rows)]
+    plots = table.get("plots") or []
+    if plots:
+        lines += ["", *(f"![{p}]({p})" for p in plots)]
+    return lines
+
+
 def _finetune_line(ft: dict[str, Any] | None) -> list[str]:
     """One sentence on the recovery training: budget, distillation, processes, augmentation."""
     if not ft:
@@ -172,7 +269,7 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
                         fmt_rate(row["throughput"]),
                         c.get("baseline", "original"),
                         fmt_ms(base[b]["p50"]) if b in base else NA,
-                        fmt_ratio(c["speedup"].get(str(b))),
+                        candidate_speedup(c, b, bold=True),
                     ]
                 )
             )
@@ -289,8 +386,8 @@ def _environment_section(env: dict[str, Any] | None) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown page (title with PASSED/FAILED, data, parity, latency, gates,
-    environment)."""
+    """The report as a Markdown page (title with PASSED/FAILED, data, pruning, latency budget,
+    parity, latency, gates, environment)."""
     data, orig = report["data"], report["original"]
     synthetic = bool(data["synthetic"])
     verdict = "PASSED" if report["status"] == "passed" else "FAILED"
@@ -329,13 +426,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         return "\n".join(lines)
 
     lines += _pruning_section(report.get("pruning"), synthetic)
+    lines += _latency_budget_section(report.get("latency_budget"))
     lines += ["## Parity vs the original", "", *_parity_table(report, synthetic), ""]
     lines += [
         "## Latency (ms per batch)",
         "",
         "Each candidate is timed interleaved with its baseline in the same process (the "
-        "original model in the same backend where there is one); speedup = baseline p50 / "
-        "candidate p50.",
+        "original model in the same backend where there is one), in interleaved rounds; "
+        "speedup = the median over rounds of baseline p50 / candidate p50, +- half the range of "
+        "the rounds' speedups. A speedup whose rounds disagree by more than verify.max_spread is "
+        "marked **unstable**: it is not trusted and fails the min_speedup gate (where it is on).",
         "",
         *_latency_table(report),
         "",
@@ -348,9 +448,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         for g in c["gates"]
         if g["passed"] and g["value"] is None
     ]
-    if failed:
+    budget = report.get("latency_budget") or {}
+    missed = budget.get("passed") is False  # verify's verdict on the latency target
+    if failed or missed:
         lines += ["## Failed gates", ""]
         lines += [f"- `{name}` {g['name']}: {g['detail']}" for name, g in failed]
+        if missed:
+            lines.append(f"- latency target: {_one_line(budget['measured']['detail'])}")
     else:
         lines.append("All gates passed.")
     if skipped:

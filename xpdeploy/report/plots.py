@@ -10,9 +10,11 @@ import os
 from typing import Any
 
 from xpdeploy.figures import figure
+from xpdeploy.report.markdown import candidate_speedup
 
-Bar = tuple[str, float | None, float | None, float | None]
-"""(label, p50 ms, p90 ms, speedup vs the original or None)."""
+Bar = tuple[str, float | None, float | None, float | None, str | None]
+"""(label, p50 ms, p90 ms, speedup vs the original or None, the speedup as written above the bar
+with the spread of its rounds, e.g. "1.85x +-3%" or "2.10x +-14% (unstable)", or None)."""
 
 
 def _bars_per_batch(report: dict[str, Any]) -> dict[int, list[Bar]]:
@@ -34,6 +36,7 @@ def _bars_per_batch(report: dict[str, Any]) -> dict[int, list[Bar]]:
                 base["p50"] if base else None,
                 base["p90"] if base else None,
                 None,
+                None,
             )
         ]
         for c in cands:
@@ -44,6 +47,7 @@ def _bars_per_batch(report: dict[str, Any]) -> dict[int, list[Bar]]:
                     row["p50"] if row else None,
                     row["p90"] if row else None,
                     c["speedup"].get(str(b)),
+                    candidate_speedup(c, b) if c["speedup"].get(str(b)) is not None else None,
                 )
             )
         out[b] = bars
@@ -55,7 +59,8 @@ def plot_latency(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
     One panel per batch size (each with its own y scale, since batch 1 and batch 32 differ by an
     order of magnitude), bars coloured consistently by model, error bars from p50 up to p90, and
-    each candidate's speedup (original p50 / candidate p50) written above its bar.
+    each candidate's speedup (original p50 / candidate p50) written above its bar with the spread
+    of its rounds; an unstable one says so, in red.
     """
     groups = _bars_per_batch(report)
     n = max(len(groups), 1)
@@ -80,7 +85,7 @@ def _draw_panel(ax: Any, batch: int, bars: list[Bar]) -> None:
     xs = list(range(len(bars)))
     p50 = [b[1] if b[1] is not None else 0.0 for b in bars]
     up = [max(b[2] - b[1], 0.0) if b[1] is not None and b[2] is not None else 0.0 for b in bars]
-    for i, (label, value, _, _) in enumerate(bars):
+    for i, (label, value, _, _, _) in enumerate(bars):
         ax.bar(
             xs[i],
             p50[i],
@@ -91,15 +96,16 @@ def _draw_panel(ax: Any, batch: int, bars: list[Bar]) -> None:
             hatch=None if value is not None else "//",
         )
     top = max((p + u for p, u in zip(p50, up, strict=True)), default=0.0) or 1.0
-    for i, (_, value, _, speedup) in enumerate(bars):
+    for i, (_, value, _, _, speedup) in enumerate(bars):
         if value is None:
             text = "n/a"
         elif speedup is None:
             continue
         else:
-            text = f"{speedup:.2f}x"
-        ax.text(xs[i], p50[i] + up[i] + 0.02 * top, text, ha="center", va="bottom", fontsize=9)
-    ax.set_ylim(0, top * 1.18)
+            text = speedup.replace(" +-", "\n+-").replace(" (unstable)", "\nunstable")
+        ax.text(xs[i], p50[i] + up[i] + 0.02 * top, text, ha="center", va="bottom", fontsize=9,
+                color="red" if "unstable" in text else "black")
+    ax.set_ylim(0, top * 1.3)  # room for up to three lines of speedup label
     ax.set_xticks(xs)
     ax.set_xticklabels([])
     ax.tick_params(axis="x", length=0)

@@ -6,6 +6,13 @@ key is renamed or removed (adding keys is compatible). Units: top-1 in percent, 
 percentage points, latency in ms per batch, throughput in images/s, ``gmacs`` in 1e9
 multiply-accumulates per image, ``params_m`` in millions. Non-finite numbers (a NaN logit diff, an
 infinite speedup from a zero median) are written as ``null`` so the file stays strict JSON.
+Optional candidate keys (absent from older reports): ``speedup_spread`` (batch -> half the range of
+the rounds' speedups over the speedup, a fraction) and ``unstable`` (batch sizes whose spread
+exceeded ``verify.max_spread``).
+
+Optional top-level key ``latency_budget`` (absent from reports of runs without
+``prune.target_latency_ms``, and from older reports): the budget, what the latency table predicted,
+what verify measured and the table it was planned with (:func:`latency_budget_section`).
 """
 
 from __future__ import annotations
@@ -14,12 +21,22 @@ import math
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xpdeploy.artifacts import CandidateResult, EngineSet, LatencyStats, ParityReport
+from xpdeploy.artifacts import (
+    CandidateResult,
+    EngineSet,
+    LatencyStats,
+    LatencyTable,
+    ParityReport,
+    PrunePlan,
+)
 from xpdeploy.fileio import write_json_atomic
+
+if TYPE_CHECKING:
+    from xpdeploy.latency.table import LatencyModel
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -61,6 +78,13 @@ CANDIDATE_KEYS = (
 )
 LATENCY_KEYS = ("batch", "p50", "p90", "p99", "mean", "iters", "throughput")
 GATE_KEYS = ("name", "value", "limit", "passed", "detail")
+LATENCY_BUDGET_KEYS = ("target_ms", "predicted_ms", "original_ms", "runtime", "precision", "batch",
+                       "threads", "measured", "passed", "table")
+LATENCY_MEASURED_KEYS = ("artifact", "measured_ms", "spread", "original_ms", "tolerance",
+                         "stable", "passed", "detail")
+LATENCY_TABLE_KEYS = ("file", "source", "device_id", "measured_at", "points", "unstable_points",
+                      "original_ms", "validation", "plots")
+LATENCY_VALIDATION_KEYS = ("name", "predicted_ms", "measured_ms", "spread", "error_pct")
 
 
 def _json_safe(obj: Any) -> Any:
@@ -99,6 +123,8 @@ def _candidate(c: CandidateResult, synthetic: bool) -> dict[str, Any]:
         "latency_ms": _latency(c.latency_ms),
         "baseline_latency_ms": _latency(c.baseline_latency_ms),
         "speedup": {str(b): float(s) for b, s in sorted(c.speedup.items())},
+        "speedup_spread": {str(b): float(s) for b, s in sorted(c.speedup_spread.items())},
+        "unstable": sorted(c.unstable),
         "source": c.source,
         "baseline": c.baseline,
         "source_max_abs_diff": c.source_max_abs_diff,
@@ -136,6 +162,81 @@ def engines_section(engines: EngineSet | None, parity: ParityReport) -> dict[str
         "engines": [{k: getattr(e, k) for k in keys} for e in engines.engines],
         "choices": [c.model_dump(mode="python") for c in parity.choices],
     }
+
+
+def _latency_table_section(table: LatencyTable, model: LatencyModel | None) -> dict[str, Any]:
+    """The latency table the plan was made with. Its validation rows come from ``table.json``
+    (``model``); where that file is not at hand (a device run) only the artifact's errors are
+    known, so name and ms are null."""
+    if model is not None:
+        validation = [{"name": r.name, "predicted_ms": r.predicted_ms,
+                       "measured_ms": r.measured_ms, "spread": r.spread,
+                       "error_pct": r.error_pct} for r in model.validation]
+    else:
+        validation = [{"name": None, "predicted_ms": None, "measured_ms": None, "spread": None,
+                       "error_pct": e} for e in table.prediction_error_pct]
+    return {
+        "file": table.file,
+        "source": table.source,
+        "device_id": table.device_id,
+        "measured_at": model.measured_at if model is not None else None,
+        "points": table.points,
+        "unstable_points": table.unstable_points,
+        "original_ms": table.original_ms,
+        "validation": validation,
+        "plots": list(table.plots),
+    }
+
+
+def has_latency_budget(parity: ParityReport, plan: PrunePlan | None) -> bool:
+    """Whether the run pruned to a latency (``prune.target_latency_ms``): the plan says so, or,
+    on a device run without the plan, verify's result on the target."""
+    return parity.latency_target is not None or (
+        plan is not None and plan.target_latency_ms is not None)
+
+
+def latency_budget_section(parity: ParityReport, plan: PrunePlan | None,
+                           table: LatencyTable | None = None,
+                           model: LatencyModel | None = None) -> dict[str, Any] | None:
+    """Section ``latency_budget``: None without a latency target (``prune.target_latency_ms``).
+
+    All latencies in ms per batch of ``batch`` on ``runtime``. ``target_ms`` and ``predicted_ms``
+    (by the latency table) come from the plan, else from verify's result; ``measured`` is verify's
+    result (null where it did not time the target, e.g. a TensorRT target off the device);
+    ``original_ms`` is the unpruned model on this runtime, verify's interleaved measurement where
+    there is one, else the table's; ``passed`` is verify's verdict on the target (null when not
+    measured); ``table`` the latency table (null when the report stage did not get it).
+    ``spread`` is half the range of the rounds' medians over their median (a fraction);
+    ``tolerance`` the allowed miss above the target as a fraction of it (null: not gated);
+    ``error_pct`` is (predicted - measured) / measured in percent.
+    """
+    if not has_latency_budget(parity, plan):
+        return None
+    result = parity.latency_target
+    target = plan.target_latency_ms if plan is not None else None
+    setting = (result.setting if result is not None
+               else plan.latency if plan is not None and plan.latency is not None
+               else table.setting if table is not None else None)
+    predicted = plan.predicted_latency_ms if plan is not None else None
+    measured = None
+    if result is not None:
+        target = target if target is not None else result.target_ms
+        predicted = predicted if predicted is not None else result.predicted_ms
+        measured = {k: getattr(result, k) for k in LATENCY_MEASURED_KEYS}
+    section = {
+        "target_ms": target,
+        "predicted_ms": predicted,
+        "original_ms": (result.original_ms if result is not None
+                        else table.original_ms if table is not None else None),
+        "runtime": setting.runtime if setting else None,
+        "precision": setting.precision if setting else None,
+        "batch": setting.batch if setting else None,
+        "threads": setting.threads if setting else None,
+        "measured": measured,
+        "passed": result.passed if result is not None else None,
+        "table": _latency_table_section(table, model) if table is not None else None,
+    }
+    return _json_safe(section)
 
 
 def default_title(pipeline: str) -> str:
@@ -218,8 +319,8 @@ def _require_list(d: Mapping[str, Any], key: str, where: str) -> list[Any]:
 def validate_report(d: dict[str, Any]) -> None:
     """Raise ValueError naming the first missing required key (or a broken invariant).
 
-    Checks every section of schema version 1, that ``status`` is passed/failed, and that no top-1
-    figure appears on synthetic data.
+    Checks every section of schema version 1 (``latency_budget`` where present), that ``status``
+    is passed/failed, and that no top-1 figure appears on synthetic data.
     """
     _require(d, TOP_KEYS, "report")
     if d["schema_version"] != REPORT_SCHEMA_VERSION:
@@ -247,6 +348,20 @@ def validate_report(d: dict[str, Any]) -> None:
             raise ValueError(f"{where}.speedup: expected an object of batch -> ratio")
         for j, g in enumerate(_require_list(c, "gates", where)):
             _require(g, GATE_KEYS, f"{where}.gates[{j}]")
+    if d.get("latency_budget") is not None:
+        _validate_latency_budget(d["latency_budget"])
+
+
+def _validate_latency_budget(budget: Any) -> None:
+    """The optional ``latency_budget`` section: required keys of it and its parts."""
+    where = "report.latency_budget"
+    _require(budget, LATENCY_BUDGET_KEYS, where)
+    if budget["measured"] is not None:
+        _require(budget["measured"], LATENCY_MEASURED_KEYS, f"{where}.measured")
+    if budget["table"] is not None:
+        _require(budget["table"], LATENCY_TABLE_KEYS, f"{where}.table")
+        for j, row in enumerate(_require_list(budget["table"], "validation", f"{where}.table")):
+            _require(row, LATENCY_VALIDATION_KEYS, f"{where}.table.validation[{j}]")
 
 
 def write_report_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:

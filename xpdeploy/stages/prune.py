@@ -15,12 +15,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from xpdeploy import distributed
-from xpdeploy.artifacts import Artifact, MaskSet, PrunePlan, TorchModel
+from xpdeploy.artifacts import Artifact, LatencyTable, MaskSet, PrunePlan, TorchModel
 from xpdeploy.errors import ConfigError, PruneError
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.arch import describe_arch, rebuild_model, save_model
 from xpdeploy.models.complexity import count_gmacs, count_params_m
 from xpdeploy.progress import log
+from xpdeploy.prune.allocation import LatencyTarget
 from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, check_target, plan_global, plan_summary
 from xpdeploy.prune.plots import plot_allocation
@@ -84,7 +85,7 @@ def _shared_scores(ctx: Ctx, net: nn.Module, model: TorchModel, masks: MaskSet |
 
 
 def _sensitivity_plan(ctx: Ctx, net: nn.Module, model: TorchModel,
-                      masks: MaskSet | None, macs: MacModel, target: float,
+                      masks: MaskSet | None, macs: MacModel, target: float | LatencyTarget,
                       constraints: PlanConstraints) -> tuple[KeepSets, dict[str, Any]]:
     """Keep sets of the sensitivity allocator and what plan.json records of it (collective).
 
@@ -137,8 +138,59 @@ def _threshold_plan(ctx: Ctx, net: nn.Module, model: TorchModel, masks: MaskSet 
                          "alpha": result.alpha, "backbone_adapted": result.backbone_adapted}
 
 
-def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None
-        ) -> dict[str, Artifact]:
+def _latency_target(ctx: Ctx, model: TorchModel, latency: LatencyTable | None, macs: MacModel,
+                    constraints: PlanConstraints) -> LatencyTarget:
+    """The latency budget, after checking that the table is this model's and the target can be
+    met: a one-line error before any scoring or measuring when it cannot."""
+    from xpdeploy.latency.table import LatencyModel, LatencyTableError
+    from xpdeploy.stages.latency_blocks import arch_digest
+
+    cfg = ctx.settings.prune
+    assert cfg is not None and cfg.target_latency_ms is not None
+    if latency is None:
+        raise ConfigError("prune.target_latency_ms plans with a latency table; add "
+                          "'latency_blocks' and 'latency_table' to 'stages' (before 'prune')")
+    table = LatencyModel.read(ctx.path(latency.file))
+    if table.key.arch_digest != arch_digest(model):
+        raise LatencyTableError(
+            f"the latency table was measured for another architecture than this model's "
+            f"({table.key.arch_name}); rerun latency_blocks and latency_table on this model")
+    target = cfg.target_latency_ms
+    where = f"{table.key.runtime} ({table.key.precision}) at batch {table.key.batch}"
+    floor_h, floor_m = constraints.floors(macs)
+    smallest = table.fixed_ms + sum(
+        min(table.cost(b, h, m) for h, m in table.options(b)
+            if h >= floor_h[b] and m >= floor_m[b]) for b in range(table.blocks))
+    original = table.predict(list(macs.heads), list(macs.mlp))
+    if target >= original:
+        raise PruneError(f"nothing to prune; target {target:.4g} ms >= the original's "
+                         f"{original:.4g} ms on {where}; lower prune.target_latency_ms")
+    if target < smallest:
+        raise PruneError(
+            f"target {target:.4g} ms is below the smallest model the constraints allow "
+            f"({smallest:.4g} ms predicted on {where} with min_heads_per_block="
+            f"{constraints.min_heads_per_block}, min_mlp_per_block="
+            f"{constraints.min_mlp_per_block}); raise the target or lower the floors")
+    return LatencyTarget(table=table, target_ms=target)
+
+
+def _latency_record(budget: LatencyTarget, keep: KeepSets, latency: LatencyTable | None
+                    ) -> dict[str, Any]:
+    """What plan.json records of a latency budget (ms per batch)."""
+    table = budget.table
+    return {"target_ms": budget.target_ms,
+            "predicted_ms": table.predict(keep.head_counts, keep.mlp_widths),
+            "original_ms": table.original_ms, "fixed_ms": table.fixed_ms, "scale": table.scale,
+            "runtime": table.key.runtime, "precision": table.key.precision,
+            "batch": table.key.batch, "threads": table.key.threads,
+            "device_id": table.key.device_id,
+            "table": latency.file if latency is not None else None,
+            "per_block_ms": [table.cost(b, h, m) for b, (h, m) in
+                             enumerate(zip(keep.head_counts, keep.mlp_widths, strict=True))]}
+
+
+def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None,
+        latency: LatencyTable | None = None) -> dict[str, Artifact]:
     spec, cfg = ctx.settings, ctx.settings.prune
     assert cfg is not None  # PipelineSpec.check_runnable
     collective = cfg.plan_file is None and cfg.ranking in ("threshold", "sensitivity")
@@ -148,14 +200,18 @@ def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None
     size = model.data_config.input_size
     macs = MacModel.from_model(net, size)
     replay = KeepSets.read(cfg.plan_file) if cfg.plan_file is not None else None
+    constraints = PlanConstraints.from_config(cfg)
+    budget: LatencyTarget | None = None
     if replay is not None:
         target = macs.macs(replay.head_counts, replay.mlp_widths)
+    elif cfg.target_latency_ms is not None:
+        budget = _latency_target(ctx, model, latency, macs, constraints)
+        target = macs.original  # the MACs the plan lands on are recorded once it exists
     elif cfg.target_gmacs is not None:
         target = cfg.target_gmacs * 1e9
     else:
         target = cfg.target_ratio * macs.original
-    constraints = PlanConstraints.from_config(cfg)
-    if replay is None:
+    if replay is None and budget is None:
         check_target(target, macs, constraints)
     extra: dict[str, Any] = {}
     if replay is not None:
@@ -164,10 +220,16 @@ def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None
         scores = _scores(ctx, net, model, masks, macs)
         keep = plan_global(scores, macs, target, constraints, cfg.normalize)
     else:
-        plan_by = _threshold_plan if cfg.ranking == "threshold" else _sensitivity_plan
-        keep, extra = plan_by(ctx, net, model, masks, macs, target, constraints)
+        if budget is not None:
+            keep, extra = _sensitivity_plan(ctx, net, model, masks, macs, budget, constraints)
+        else:
+            plan_by = _threshold_plan if cfg.ranking == "threshold" else _sensitivity_plan
+            keep, extra = plan_by(ctx, net, model, masks, macs, target, constraints)
         if not distributed.is_main():
             return {}
+        if budget is not None:
+            target = macs.macs(keep.head_counts, keep.mlp_widths)
+            extra["latency"] = _latency_record(budget, keep, latency)
     params_before = count_params_m(net)
     prune_model(net, keep)
     gmacs = count_gmacs(net, size)
@@ -189,10 +251,17 @@ def run(ctx: Ctx, model: TorchModel, masks: MaskSet | None = None
         net, val, batch_size=spec.data.batch_size, workers=spec.data.workers, label="one-shot")
     arch_path, weights_path = save_model(net, arch, ctx.stage_dir)
     params_after = count_params_m(net)
+    record = extra.get("latency")
+    budget_text = (f"latency {record['predicted_ms']:.3f} ms predicted, target "
+                   f"{record['target_ms']:.3f} ms" if record else f"target {target / 1e9:.4f}")
     log(f"  {cfg.criterion}/{cfg.ranking}: {macs.original / 1e9:.4f} -> {gmacs:.4f} GMACs "
-        f"(target {target / 1e9:.4f}), heads {keep.head_counts}, mlp {keep.mlp_widths}"
+        f"({budget_text}), heads {keep.head_counts}, mlp {keep.mlp_widths}"
         + (f", one-shot top-1 {one_shot:.2f}%" if one_shot is not None else ""))
     plan = PrunePlan(
+        target_latency_ms=record["target_ms"] if record else None,
+        predicted_latency_ms=record["predicted_ms"] if record else None,
+        latency=latency.setting if record and latency is not None else None,
+        table_original_ms=record["original_ms"] if record else None,
         file=ctx.rel(plan_path), criterion=cfg.criterion, ranking=cfg.ranking,
         normalize=cfg.normalize, target_gmacs=target / 1e9, gmacs_before=macs.original / 1e9,
         gmacs_after=gmacs, params_before_m=params_before, params_after_m=params_after,

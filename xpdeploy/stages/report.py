@@ -7,16 +7,24 @@ from xpdeploy.artifacts import (
     Artifact,
     BundleOrigin,
     EngineSet,
+    LatencyTable,
     MaskSet,
     ParityReport,
     PrunePlan,
     RunReport,
     TorchModel,
 )
+from xpdeploy.latency.table import LatencyModel, LatencyTableError
 from xpdeploy.progress import log
 from xpdeploy.report.markdown import write_markdown
 from xpdeploy.report.plots import plot_latency
-from xpdeploy.report.schema import build_report, default_title, write_report_json
+from xpdeploy.report.schema import (
+    build_report,
+    default_title,
+    has_latency_budget,
+    latency_budget_section,
+    write_report_json,
+)
 from xpdeploy.spec import ReportConfig
 from xpdeploy.stages.context import StageContext
 from xpdeploy.stages.fingerprint import StageSettings
@@ -42,11 +50,28 @@ def _pruning(plan: PrunePlan, masks: MaskSet | None, pruned: TorchModel | None
     }
 
 
+def _latency_model(ctx: StageContext[Settings], latency: LatencyTable | None
+                   ) -> LatencyModel | None:
+    """The latency table's ``table.json`` for its validation rows; None where it is not at hand
+    (a device run: the bundle does not carry it), as the report then shows what the artifact
+    records."""
+    if latency is None:
+        return None
+    try:
+        return LatencyModel.read(ctx.path(latency.file))
+    except LatencyTableError as e:
+        log(f"  (latency budget: only the validation errors the artifact records: {e})")
+        return None
+
+
 def run(ctx: StageContext[Settings], model: TorchModel, parity: ParityReport | None = None,
         plan: PrunePlan | None = None, masks: MaskSet | None = None,
         pruned: TorchModel | None = None, engines: EngineSet | None = None,
-        origin: BundleOrigin | None = None) -> dict[str, Artifact]:
-    """``origin``: set on a device run (the bundle it continues), which the title says."""
+        origin: BundleOrigin | None = None, latency: LatencyTable | None = None
+        ) -> dict[str, Artifact]:
+    """``origin``: set on a device run (the bundle it continues), which the title says.
+    ``latency``: the latency table a ``prune.target_latency_ms`` plan was made with (section
+    ``latency_budget``, with its plots)."""
     assert parity is not None  # PipelineSpec.check_runnable: 'report' needs 'verify'
     spec = ctx.settings
     status = "passed" if parity.passed else "failed"
@@ -70,6 +95,9 @@ def run(ctx: StageContext[Settings], model: TorchModel, parity: ParityReport | N
         report["pruning"] = _pruning(plan, masks, pruned)
         if parity.synthetic:
             report["pruning"]["one_shot_top1"] = None
+    if has_latency_budget(parity, plan):
+        report["latency_budget"] = latency_budget_section(
+            parity, plan, latency, _latency_model(ctx, latency))
     json_path, md_path = ctx.run_dir / "report.json", ctx.run_dir / "report.md"
     plots = []
     if spec.report.plots and parity.candidates:

@@ -22,10 +22,13 @@ import numpy as np
 
 from xpdeploy.artifacts import (
     Artifact,
+    CandidateResult,
     EngineSet,
+    LatencyTargetResult,
     OnnxModel,
     OnnxModels,
     ParityReport,
+    PrunePlan,
     ReferenceLogits,
     TorchModel,
     VerifySet,
@@ -48,6 +51,8 @@ from xpdeploy.verify.accelerators import (
     verdict,
 )
 from xpdeploy.verify.candidates import Candidate, evaluate_plan
+from xpdeploy.verify.latency import measure_rounds
+from xpdeploy.verify.latency_grid import runtime_opener
 
 #: Torch logits of every source model on the verify set (the device bundle carries them).
 REFERENCE_LOGITS = "reference_logits.npz"
@@ -99,6 +104,7 @@ def run(
     simplified: OnnxModels | None = None,
     engines: EngineSet | None = None,
     reference: ReferenceLogits | None = None,
+    plan: PrunePlan | None = None,
 ) -> dict[str, Artifact]:
     """Verify every candidate; ``reference`` given (a device run): no torch is imported."""
     cfg, eval_batch = ctx.settings.verify, ctx.settings.batch_size
@@ -128,9 +134,9 @@ def run(
         def ort(onnx_model: OnnxModel) -> OrtRunner:
             return ort_file(ctx.path(onnx_model.file), onnx_model.input_name)
 
-        plan: list[Candidate] = []
+        candidates: list[Candidate] = []
         if "pruned" in torch_runners:
-            plan.append(Candidate("pruned (torch)", torch_runners["pruned"],
+            candidates.append(Candidate("pruned (torch)", torch_runners["pruned"],
                                   sources["pruned"].weights_file, sources["pruned"],
                                   "original (torch)", torch_runners["original"]))
         # The original's ONNX files are timed against torch, or (no torch) its exported file.
@@ -144,7 +150,7 @@ def run(
                 else:
                     base = base or first or onnx_model
                     baseline_name, baseline = Path(base.file).name, ort(base)
-                plan.append(Candidate(Path(onnx_model.file).name, ort(onnx_model),
+                candidates.append(Candidate(Path(onnx_model.file).name, ort(onnx_model),
                                       onnx_model.file, sources[label], baseline_name, baseline,
                                       fixed))
         last = simplified or exported
@@ -154,13 +160,15 @@ def run(
 
             return trt_runner_factory(stack.enter_context(load_backend()))
 
-        plan += accelerator_candidates(
+        candidates += accelerator_candidates(
             [(m, ctx.path(m.file)) for m in last.models.values()] if last else [], sources,
             ort_file, stack, cfg=cfg, trace_batch=ctx.settings.trace_batch,
             eval_batch=eval_batch, engines=engines, engines_root=ctx.run_dir,
             engine_runners=engine_runners)
         results, temperatures = evaluate_plan(
-            plan, batch, logits, ref_top1, cfg=cfg, eval_batch_size=eval_batch, threads=threads)
+            candidates, batch, logits, ref_top1, cfg=cfg, eval_batch_size=eval_batch,
+            threads=threads)
+        target = _latency_target(ctx, plan, last, batch.pixels, results)
     choices = choose_precisions(engines, results) if engines is not None else []
     for choice in choices:
         log(f"  precision best, {choice.source} {choice.batch}: {choice.reason}")
@@ -170,7 +178,72 @@ def run(
         original_top1=ref_top1, original_gmacs=model.gmacs, original_params_m=model.params_m,
         samples=len(batch.labels), data_source=batch.source, synthetic=batch.synthetic,
         threads=threads, candidates=results, choices=choices,
-        temperatures_c=temperatures, passed=verdict(results, choices),
+        temperatures_c=temperatures, latency_target=target,
+        passed=verdict(results, choices) and (target is None or target.passed),
     )
     write_json_atomic(path, report.model_dump(mode="json", exclude={"file"}))
     return {"parity": report, "reference": reference}
+
+
+def _latency_target(ctx: StageContext[Settings], plan: PrunePlan | None,
+                    onnx: OnnxModels | None, pixels: np.ndarray,
+                    results: list[CandidateResult]) -> LatencyTargetResult | None:
+    """The pruned model's latency against ``prune.target_latency_ms`` on the table's runtime,
+    batch and threads; None without a latency target (or a TensorRT target off the device).
+
+    onnxruntime: the deployable ONNX files (simplified when the stage ran) of the original and
+    the pruned model, timed interleaved in rounds here. tensorrt: the pruned engine of the
+    planned precision, as its candidate measured it.
+    """
+    if plan is None or plan.target_latency_ms is None or plan.latency is None:
+        return None
+    cfg, setting = ctx.settings.verify, plan.latency
+    target = plan.target_latency_ms
+    if setting.runtime == "tensorrt":
+        found = [(c, s) for c in results if c.source == "pruned"
+                 and c.runner == f"trt-{setting.precision}"
+                 for s in c.latency_ms if s.batch == setting.batch]
+        if not found:
+            log(f"  latency target {target:.3f} ms is on tensorrt ({setting.precision}, batch "
+                f"{setting.batch}): it is checked where its engine runs (the device)")
+            return None
+        cand, stats = found[0]
+        base = next(s for s in cand.baseline_latency_ms if s.batch == setting.batch)
+        measured, original = stats.p50, base.p50
+        spread = cand.speedup_spread.get(setting.batch, 0.0)
+        artifact = cand.artifact
+    else:
+        if onnx is None or "pruned" not in onnx.models:
+            return None
+        files = {label: ctx.path(m.file) for label, m in onnx.models.items()}
+        opener = runtime_opener(setting, ctx.stage_dir)
+        log(f"  timing the latency target on {setting.runtime} at batch {setting.batch} "
+            f"({setting.threads} threads)")
+        with opener(files["original"], "pixels") as o, opener(files["pruned"], "pixels") as p:
+            times = measure_rounds([o, p], pixels, setting.batch, warmup=cfg.warmup,
+                                   iters=cfg.iters, rounds=cfg.rounds)
+        estimate = times.latency(1)
+        measured, spread = estimate.value, estimate.spread
+        original = times.latency(0).value
+        artifact = onnx.models["pruned"].file
+    tolerance = cfg.max_latency_miss
+    stable = spread <= cfg.max_spread
+    within = tolerance is None or measured <= target * (1 + tolerance)
+    miss = (measured - target) / target * 100.0
+    predicted = plan.predicted_latency_ms
+    then = plan.table_original_ms
+    drift = (f"; the original measures {original:.3f} ms here, {then:.3f} ms when the table was "
+             f"measured ({(original / then - 1) * 100:+.1f}%)" if then else "")
+    detail = (f"measured {measured:.3f} ms (+-{spread:.0%} over rounds) vs target {target:.3f} ms "
+              f"({miss:+.1f}%)" + (f", predicted {predicted:.3f} ms" if predicted else "") + drift
+              + ("" if within else f": misses the target by more than {tolerance:.0%}")
+              + ("" if stable else f"; unstable: rounds disagree by more than "
+                 f"{cfg.max_spread:.0%}, rerun on a quieter machine or raise verify.iters")
+              + ("" if tolerance is not None else " (not gated: verify.max_latency_miss is null)"))
+    result = LatencyTargetResult(
+        setting=setting, artifact=artifact, target_ms=target, predicted_ms=predicted,
+        measured_ms=measured, spread=spread, original_ms=original,
+        tolerance=tolerance, stable=stable,
+        passed=tolerance is None or (within and stable), detail=detail)
+    log(f"  latency target: {detail}" + (": passed" if result.passed else ": FAILED"))
+    return result

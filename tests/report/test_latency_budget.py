@@ -88,8 +88,9 @@ def parity(measured_ms: float = 3.6, spread: float = 0.02, tolerance: float | No
     """make_parity() with verify's result on the 3.5 ms target (the original timed at 6.1 ms)."""
     target = LatencyTargetResult(
         setting=SETTING, artifact="07_simplify/pruned.sim.onnx", target_ms=3.5, predicted_ms=3.4,
-        measured_ms=measured_ms, spread=spread, original_ms=6.1, tolerance=tolerance,
-        stable=spread <= 0.1, passed=passed,
+        measured_ms=measured_ms, spread=spread, original_ms=6.1, ratio=measured_ms / 6.1,
+        ratio_spread=spread, table_original_ms=None, drift=None, checked_ms=measured_ms,
+        tolerance=tolerance, stable=spread <= 0.1, passed=passed,
         detail=f"measured {measured_ms:.3f} ms (+-{spread:.0%} over rounds) vs target 3.500 ms "
                f"({(measured_ms - 3.5) / 3.5 * 100:+.1f}%), predicted 3.400 ms"
                + ("" if passed else ": misses the target by more than 10%"))
@@ -138,7 +139,7 @@ def test_markdown_shows_the_budget_its_verdict_and_the_table_plot() -> None:
     assert rows[2:] == [
         "| target | 3.50 |  |",
         "| predicted (latency table) | 3.40 | -2.9% |",
-        "| measured (verify, +-2% over rounds) | 3.60 | +2.9% |",
+        "| measured now (verify, +-2% over rounds) | 3.60 | +2.9% |",
         "| original (timed interleaved with it) | 6.10 | +74.3% |",
     ]
     assert ("Latency target passed (up to 10% over the target allowed; "
@@ -159,7 +160,7 @@ def test_a_missed_target_fails_in_the_section_and_in_the_failed_gates() -> None:
     p = p.model_copy(update={"candidates": [good], "passed": False})
     md = render_markdown(report_with_budget(p, table=latency_table()))
     assert "Latency target **FAILED** (up to 10% over the target allowed;" in md
-    assert "| measured (verify, +-2% over rounds) | 4.20 | +20.0% |" in md
+    assert "| measured now (verify, +-2% over rounds) | 4.20 | +20.0% |" in md
     failed = md[md.index("## Failed gates"):]
     assert "- latency target: measured 4.200 ms" in failed
     assert "misses the target by more than 10%" in failed
@@ -285,3 +286,21 @@ def test_show_describes_the_plan_and_verify_outputs_with_their_latency() -> None
         "0.7000 GMACs, latency target 3.500 ms (predicted 3.400)")
     text = _describe_outputs(manifest(parity=parity(measured_ms=4.2, passed=False)))
     assert text.endswith("; latency 4.200 ms (target 3.500, predicted 3.400) FAILED")
+
+
+def test_the_gate_reads_the_ratio_at_the_tables_speed_when_the_machine_drifted() -> None:
+    # The original measured 6.1 ms now but 5.0 ms when the table was made (+22%): the pruned
+    # model at 0.7 x the original is 3.5 ms at the table's speed, whatever it measures now.
+    p = parity(measured_ms=4.27)
+    result = p.latency_target.model_copy(update={
+        "ratio": 0.7, "ratio_spread": 0.01, "table_original_ms": 5.0, "drift": 0.22,
+        "checked_ms": 3.5})
+    p = p.model_copy(update={"latency_target": result})
+    r = report_with_budget(p, table=latency_table(), model=latency_model())
+    m = r["latency_budget"]["measured"]
+    assert (m["checked_ms"], m["ratio"], m["table_original_ms"], m["drift"]) == (3.5, 0.7, 5.0,
+                                                                                  0.22)
+    md = render_markdown(r)
+    assert ("| measured at the table's speed (0.700 x the original side by side, +-1%; the gate "
+            "reads this) | 3.50 | +0.0% |") in md
+    assert "| measured now (verify, +-2% over rounds) | 4.27 | +22.0% |" in md

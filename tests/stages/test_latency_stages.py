@@ -24,10 +24,13 @@ STAGES = ["load", "latency_blocks", "latency_table", "prune", "export_onnx", "si
 
 def _spec(tmp_path: Path, target_ms: float, stages: list[str] = STAGES, **latency):
     d = tiny_pipeline_dict(stages=stages)
-    d["model"] = {**d["model"], "kwargs": {**d["model"]["kwargs"], "mlp_ratio": 2}}
+    # Wide enough that a block's cuts differ by more than the timing noise (a 32-wide block's
+    # whole range is a few hundredths of a ms).
+    d["model"] = {**d["model"], "kwargs": {**d["model"]["kwargs"], "embed_dim": 128,
+                                           "mlp_ratio": 4}}
     d["prune"] = {"criterion": "taylor", "target_latency_ms": target_ms,
-                  "ranking": "sensitivity", "round_mlp_to": 16, "taylor_images": 64,
-                  "sensitivity": {"images": 64, "batch_size": 64, "mlp_step": 16, "refine": 0},
+                  "ranking": "sensitivity", "round_mlp_to": 128, "taylor_images": 64,
+                  "sensitivity": {"images": 64, "batch_size": 64, "mlp_step": 128, "refine": 0},
                   "latency": {"iters": 6, "rounds": 3, "warmup": 1, "validation_models": 2,
                               **latency}}
     # Timings of a 0.1 ms model on a shared CI machine are reported, not gated, here.
@@ -41,16 +44,25 @@ def _table(tmp_path: Path) -> LatencyModel:
     return LatencyModel.read(tmp_path / "t" / "12_latency_table" / "table.json")
 
 
+def _range(table: LatencyModel) -> tuple[float, float]:
+    """The predicted ms of the cheapest plan the grid allows and of the original."""
+    cheapest = table.fixed_ms + sum(min(table.cost(b, h, m) for h, m in table.options(b))
+                                    for b in range(table.blocks))
+    return cheapest, table.predict([2, 2], [512, 512])
+
+
 def test_a_latency_target_is_planned_measured_and_reported(tmp_path: Path) -> None:
     table = _table(tmp_path)
-    # depth 2, 2 heads, MLP 64 every 16: one shape, 2 x 4 points
+    # depth 2, 2 heads, MLP 512 every 128: one shape, 2 x 4 points
     assert table.points == 8 and [s.blocks for s in table.shapes] == [[0, 1]]
     assert all(p.ms > 0 for s in table.shapes for p in s.points)
     assert len(table.validation) == 2
     # The calibration predicts both calibration models exactly.
-    assert table.predict([2, 2], [64, 64]) == pytest.approx(table.original_ms)
-    assert table.predict([1, 1], [16, 16]) == pytest.approx(table.smallest_ms)
-    target = (table.original_ms + table.smallest_ms) / 2
+    assert table.predict([2, 2], [512, 512]) == pytest.approx(table.original_ms)
+    assert table.predict([1, 1], [128, 128]) == pytest.approx(table.smallest_ms)
+    low, high = _range(table)
+    assert low < high
+    target = (low + high) / 2
     run_dir = tmp_path / "run"
     result = run_pipeline(_spec(tmp_path, target), run_dir)
     assert result.passed
@@ -73,12 +85,13 @@ def test_a_latency_target_is_planned_measured_and_reported(tmp_path: Path) -> No
 
 def test_impossible_and_pointless_targets_are_one_clear_error(tmp_path: Path) -> None:
     table = _table(tmp_path)
+    low, high = _range(table)
     with pytest.raises(PruneError, match=r"below the smallest model the constraints allow "
                        r"\([0-9.]+ ms predicted on onnxruntime-cpu \(fp32\) at batch 1"):
-        run_pipeline(_spec(tmp_path, table.smallest_ms * 0.5), tmp_path / "r1")
+        run_pipeline(_spec(tmp_path, low * 0.9), tmp_path / "r1")
     with pytest.raises(PruneError, match=r"nothing to prune; target [0-9.]+ ms >= the "
                        r"original's"):
-        run_pipeline(_spec(tmp_path, table.original_ms * 2), tmp_path / "r2")
+        run_pipeline(_spec(tmp_path, high * 1.1), tmp_path / "r2")
     assert not (tmp_path / "r1" / "04_prune" / "plan.json").exists()
 
 
@@ -139,7 +152,8 @@ def _fake_times(original_ms: float, pruned_ms: float, wobble: float = 0.0):
 
 
 @pytest.mark.parametrize(("pruned_ms", "wobble", "miss", "passed", "says"), [
-    (1.05, 0.0, 0.10, True, "(+5.0%)"),
+    (1.05, 0.0, 0.10, True, "= 0.997 ms at the table's speed (1.900 ms for the original) vs "
+                            "target 1.000 ms (-0.3%)"),
     (1.20, 0.0, 0.10, False, "misses the target by more than 10%"),
     (1.00, 0.3, 0.10, False, "unstable: rounds disagree by more than 10%"),
     (1.20, 0.0, None, True, "(not gated: verify.max_latency_miss is null)"),
@@ -174,8 +188,11 @@ def test_verify_gates_the_measured_latency_against_the_target(
     assert result.measured_ms == pytest.approx(pruned_ms)
     assert result.original_ms == 2.0 and result.target_ms == 1.0
     assert says in result.detail
-    assert "the original measures 2.000 ms here, 1.900 ms when the table was measured" \
-        in result.detail
+    # The gate reads the side-by-side ratio at the table's speed: the machine is 5% slower now.
+    assert result.ratio == pytest.approx(pruned_ms / 2.0)
+    assert result.checked_ms == pytest.approx(pruned_ms / 2.0 * 1.9)
+    assert result.drift == pytest.approx(2.0 / 1.9 - 1)
+    assert "now the original measures 2.000 ms (+5% since the table)" in result.detail
     # No latency target in the plan: nothing to check.
     assert verify._latency_target(ctx, plan.model_copy(update={"target_latency_ms": None}),
                                   onnx, np.zeros((1, 3, 4, 4)), []) is None
@@ -187,8 +204,8 @@ def test_a_missed_latency_target_fails_the_run_with_exit_3(tmp_path: Path,
     from xpdeploy.errors import EXIT_PARITY, ParityError
     from xpdeploy.stages import verify
 
-    table = _table(tmp_path)
-    target = (table.original_ms + table.smallest_ms) / 2
+    low, high = _range(_table(tmp_path))
+    target = (low + high) / 2
     real = verify.measure_rounds
 
     def slow_pruned(runners, pixels, batch, **kw):

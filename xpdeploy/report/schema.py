@@ -81,7 +81,8 @@ GATE_KEYS = ("name", "value", "limit", "passed", "detail")
 LATENCY_BUDGET_KEYS = ("target_ms", "predicted_ms", "original_ms", "runtime", "precision", "batch",
                        "threads", "measured", "passed", "table")
 LATENCY_MEASURED_KEYS = ("artifact", "measured_ms", "spread", "original_ms", "tolerance",
-                         "stable", "passed", "detail")
+                         "stable", "passed", "detail", "ratio", "ratio_spread",
+                         "table_original_ms", "drift", "checked_ms")
 LATENCY_TABLE_KEYS = ("file", "source", "device_id", "measured_at", "points", "unstable_points",
                       "original_ms", "validation", "plots")
 LATENCY_VALIDATION_KEYS = ("name", "predicted_ms", "measured_ms", "spread", "error_pct")

@@ -210,7 +210,8 @@ def _latency_target(ctx: StageContext[Settings], plan: PrunePlan | None,
         cand, stats = found[0]
         base = next(s for s in cand.baseline_latency_ms if s.batch == setting.batch)
         measured, original = stats.p50, base.p50
-        spread = cand.speedup_spread.get(setting.batch, 0.0)
+        spread = ratio_spread = cand.speedup_spread.get(setting.batch, 0.0)
+        ratio = 1.0 / cand.speedup[setting.batch]
         artifact = cand.artifact
     else:
         if onnx is None or "pruned" not in onnx.models:
@@ -222,27 +223,34 @@ def _latency_target(ctx: StageContext[Settings], plan: PrunePlan | None,
         with opener(files["original"], "pixels") as o, opener(files["pruned"], "pixels") as p:
             times = measure_rounds([o, p], pixels, setting.batch, warmup=cfg.warmup,
                                    iters=cfg.iters, rounds=cfg.rounds)
-        estimate = times.latency(1)
+        estimate, relative = times.latency(1), times.ratio(1, 0)
         measured, spread = estimate.value, estimate.spread
+        ratio, ratio_spread = relative.value, relative.spread
         original = times.latency(0).value
         artifact = onnx.models["pruned"].file
     tolerance = cfg.max_latency_miss
-    stable = spread <= cfg.max_spread
-    within = tolerance is None or measured <= target * (1 + tolerance)
-    miss = (measured - target) / target * 100.0
-    predicted = plan.predicted_latency_ms
     then = plan.table_original_ms
-    drift = (f"; the original measures {original:.3f} ms here, {then:.3f} ms when the table was "
-             f"measured ({(original / then - 1) * 100:+.1f}%)" if then else "")
-    detail = (f"measured {measured:.3f} ms (+-{spread:.0%} over rounds) vs target {target:.3f} ms "
-              f"({miss:+.1f}%)" + (f", predicted {predicted:.3f} ms" if predicted else "") + drift
+    checked = ratio * then if then else measured
+    drift = original / then - 1 if then else None
+    stable = ratio_spread <= cfg.max_spread
+    within = tolerance is None or checked <= target * (1 + tolerance)
+    miss = (checked - target) / target * 100.0
+    predicted = plan.predicted_latency_ms
+    speed = (f"{ratio:.3f} x the original side by side (+-{ratio_spread:.0%} over rounds) = "
+             f"{checked:.3f} ms at the table's speed ({then:.3f} ms for the original)" if then
+             else f"{measured:.3f} ms (+-{spread:.0%} over rounds)")
+    now = (f"; now the original measures {original:.3f} ms ({drift * 100:+.0f}% since the table)"
+           f" and the pruned model {measured:.3f} ms" if drift is not None else "")
+    detail = (f"{speed} vs target {target:.3f} ms ({miss:+.1f}%)"
+              + (f", predicted {predicted:.3f} ms" if predicted else "") + now
               + ("" if within else f": misses the target by more than {tolerance:.0%}")
               + ("" if stable else f"; unstable: rounds disagree by more than "
                  f"{cfg.max_spread:.0%}, rerun on a quieter machine or raise verify.iters")
               + ("" if tolerance is not None else " (not gated: verify.max_latency_miss is null)"))
     result = LatencyTargetResult(
         setting=setting, artifact=artifact, target_ms=target, predicted_ms=predicted,
-        measured_ms=measured, spread=spread, original_ms=original,
+        measured_ms=measured, spread=spread, original_ms=original, ratio=ratio,
+        ratio_spread=ratio_spread, table_original_ms=then, drift=drift, checked_ms=checked,
         tolerance=tolerance, stable=stable,
         passed=tolerance is None or (within and stable), detail=detail)
     log(f"  latency target: {detail}" + (": passed" if result.passed else ": FAILED"))

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench importable
-from bench.pruning_quality import ROOT, load_base
+from bench.pruning_quality import ROOT, load_base, require_base_inputs
 from xpdeploy.fileio import sha256_file, sha256_json, write_json_atomic
 from xpdeploy.prune import criteria
 from xpdeploy.prune.mac_model import MacModel
@@ -111,6 +111,40 @@ def summarize(seeds: dict[str, float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def fmt_finetuned(seeds: dict[str, float]) -> str:
+    """``mean +- sd (n)`` of the fine-tuned top-1 over seeds, ``-`` when none ran."""
+    mean, sd = summarize(seeds)
+    return f"{mean:.2f} +- {sd:.2f} ({len(seeds)})" if mean is not None else "-"
+
+
+def original_curves(cache: dict[str, Any], criterion: str, base: Any, scores: UnitScores,
+                    images: Any, floors: Any, *, count: int, mlp_step: int, model: Path
+                    ) -> tuple[SensitivityCurves, str, bool]:
+    """The original's sensitivity curves of ``scores`` from ``cache`` (keyed by the scores, the
+    image count, the grid and the model file), measured and added when missing; also the key,
+    and whether they were measured now (the caller then writes the cache)."""
+    key = sha256_json({"scores": scores.to_json(), "images": count, "mlp_step": mlp_step,
+                       "model": str(model)})
+    measured = key not in cache
+    if measured:  # the original's curves: once per criterion
+        t0 = time.monotonic()
+        curves = measure_curves(base, scores, images, floors, mlp_step=mlp_step)
+        cache[key] = {"criterion": criterion, "curves": curves.to_json(),
+                      "seconds": time.monotonic() - t0}
+    return SensitivityCurves.from_json(cache[key]["curves"]), key, measured
+
+
+def finetuned_top1(base: Any, blocks: list[dict[str, list[int]]], train: Any, val: Any,
+                   finetune: Any, folder: Path, tag: str, seed: int) -> float:
+    """Val top-1 of ``base`` cut to ``blocks`` (a plan's kept units) after the pipeline's own
+    fine-tuning (distilled from ``base``) with ``seed``; checkpoints in ``folder``/``tag``."""
+    model = prune_model(copy.deepcopy(base), KeepSets.from_json(blocks))
+    distiller = Distiller.from_config(copy.deepcopy(base), finetune)
+    train_model(model, train, None, finetune, checkpoint_dir=folder / tag, fingerprint=tag,
+                seed=seed, eval_batch_size=250, distiller=distiller)
+    return evaluate_top1(model, val, batch_size=250, label=f"{tag} fine-tuned")
+
+
 def allocator_label(row: dict[str, Any]) -> str:
     """The allocator and the settings that tell its rows apart (threshold loss and budget,
     sensitivity refinement)."""
@@ -129,18 +163,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
              "|---:|---|---|---:|---:|---|---|---:|"]
     for r in sorted(rows, key=lambda r: (r["ratio"], r["criterion"], r["allocator"],
                                          json.dumps(r["config"], sort_keys=True))):
-        mean, sd = summarize(r["finetuned"])
-        tuned = f"{mean:.2f} +- {sd:.2f} ({len(r['finetuned'])})" if mean is not None else "-"
         lines.append(f"| {r['ratio']:.1f} | {r['criterion']} | {allocator_label(r)} | "
-                     f"{r['one_shot_top1']:.2f} | {tuned} | {', '.join(map(str, r['heads']))} | "
-                     f"{', '.join(map(str, r['mlp']))} | {r['plan_seconds']:.0f} |")
+                     f"{r['one_shot_top1']:.2f} | {fmt_finetuned(r['finetuned'])} | "
+                     f"{', '.join(map(str, r['heads']))} | {', '.join(map(str, r['mlp']))} | "
+                     f"{r['plan_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    if not args.model.is_file() or not (args.data / "val").is_dir():
-        sys.exit(f"error: needs {args.model} and {args.data}/val (see the docstring)")
+    require_base_inputs(args.model, args.data)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     key = _settings_key(args)
@@ -209,16 +241,11 @@ def main(argv: list[str] | None = None) -> None:
             first, last = res.history[0], res.history[-1]
             return res.keep, {"threshold_start": [first["kept_heads"], first["kept_neurons"]],
                               "threshold_end": [last["kept_heads"], last["kept_neurons"]]}
-        curves_key = sha256_json({"scores": scores.to_json(), "images": sens_cfg.images,
-                                  "mlp_step": sens_cfg.mlp_step, "model": str(args.model)})
-        if curves_key not in curves_cache:  # the original's curves: once per criterion
-            t0 = time.monotonic()
-            curves = measure_curves(base, scores, sens_images, constraints.floors(macs),
-                                    mlp_step=sens_cfg.mlp_step)
-            curves_cache[curves_key] = {"criterion": criterion, "curves": curves.to_json(),
-                                        "seconds": time.monotonic() - t0}
+        curves, curves_key, measured = original_curves(
+            curves_cache, criterion, base, scores, sens_images, constraints.floors(macs),
+            count=sens_cfg.images, mlp_step=sens_cfg.mlp_step, model=args.model)
+        if measured:
             write()
-        curves = SensitivityCurves.from_json(curves_cache[curves_key]["curves"])
         res = sensitivity_plan(base, scores, sens_images, macs, target, constraints,
                                mlp_step=sens_cfg.mlp_step, refine=sens_cfg.refine, curves=curves)
         rounds = [{k: v for k, v in r.items() if k != "curves"} for r in res.rounds]
@@ -256,14 +283,9 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in seeds:
                     if str(seed) in row["finetuned"]:
                         continue
-                    model = prune_model(copy.deepcopy(base), KeepSets.from_json(row["blocks"]))
                     tag = f"{criterion}-{allocator}-{ratio}-{seed}"
-                    distiller = Distiller.from_config(copy.deepcopy(base), finetune)
-                    train_model(model, train, None, finetune, checkpoint_dir=work / tag,
-                                fingerprint=tag, seed=seed, eval_batch_size=250,
-                                distiller=distiller)
-                    row["finetuned"][str(seed)] = evaluate_top1(model, val, batch_size=250,
-                                                                label=f"{tag} fine-tuned")
+                    row["finetuned"][str(seed)] = finetuned_top1(base, row["blocks"], train, val,
+                                                                 finetune, work, tag, seed)
                     mean, sd = summarize(row["finetuned"])
                     print(f"  seed {seed}: fine-tuned {row['finetuned'][str(seed)]:.2f}% "
                           f"(mean {mean:.2f} +- {sd:.2f})", flush=True)

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench importable
-from bench.pruning_quality import ROOT, load_base
+from bench.pruning_quality import ROOT, load_base, require_base_inputs
 from xpdeploy.fileio import write_json_atomic
 from xpdeploy.models.complexity import count_gmacs
 from xpdeploy.prune import criteria
@@ -56,8 +56,7 @@ def main() -> None:
                    help="take the budgets from this file's sensitivity rows (default refine)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/plan_swap.json")
     args = p.parse_args()
-    if not args.model.is_file() or not (args.data / "val").is_dir():
-        sys.exit(f"error: needs {args.model} and {args.data}/val")
+    require_base_inputs(args.model, args.data)
     base, dc, train, val = load_base(args.model, args.data, seed=0)
     macs = MacModel.from_model(base, dc.input_size)
     target = args.ratio * macs.original

@@ -120,6 +120,12 @@ def _previous_rows(out: Path, key: str) -> list[dict[str, Any]]:
     return list(data.get("rows", []))
 
 
+def require_base_inputs(model: Path, data: Path) -> None:
+    """Exit with one line when the base model or the CIFAR-10 folder is missing."""
+    if not model.is_file() or not (data / "val").is_dir():
+        sys.exit(f"error: needs {model} and {data}/val (see the docstring)")
+
+
 def load_base(model: Path, data: Path, seed: int) -> tuple[Any, DataConfig, Any, Any]:
     """The shared base model (its own 32 px preprocessing) and CIFAR-10's train and val splits.
 
@@ -183,8 +189,7 @@ def plot_curve(rows: list[dict[str, Any]], base_top1: float, path: Path) -> None
 
 def main() -> None:
     args = _args()
-    if not args.model.is_file() or not (args.data / "val").is_dir():
-        sys.exit(f"error: needs {args.model} and {args.data}/val (see the docstring)")
+    require_base_inputs(args.model, args.data)
     if args.xpruner_scores is not None and not args.xpruner_scores.is_file():
         sys.exit(f"error: --xpruner-scores {args.xpruner_scores} does not exist")
     ratios = [float(r) for r in args.ratios.split(",")]

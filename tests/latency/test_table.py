@@ -46,7 +46,7 @@ def test_round_trip_and_one_line_errors_for_bad_files(tmp_path: Path) -> None:
     with pytest.raises(LatencyTableError, match=r"is not JSON \(JSONDecodeError\)"):
         LatencyModel.read(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text(json.dumps({"format": 99}))
-    with pytest.raises(LatencyTableError, match="not a format-1 table"):
+    with pytest.raises(LatencyTableError, match="not a format-2 table"):
         LatencyModel.read(tmp_path / "other.json")
     damaged = table.model_dump(mode="json")
     del damaged["fixed_ms"]

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.verify.fake_clock import FakeClock
 from xpdeploy.artifacts import TorchModel
 from xpdeploy.data.verify_set import VerifyBatch
 from xpdeploy.spec import GatesConfig, VerifyConfig
@@ -16,15 +17,6 @@ from xpdeploy.verify.candidates import Candidate, GpuTimedRunner, evaluate_candi
 EVAL_BATCH = 4  # infer_all's batch size: never timed, so it never takes a scheduled cost
 FIX = "rerun on a quieter machine, raise verify.iters/rounds, or set verify.threads: 1"
 
-
-class FakeClock:
-    """Seconds; only moves when a fake runner works."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class ScheduledRunner:

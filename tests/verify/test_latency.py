@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.verify.fake_clock import FakeClock
 from xpdeploy.backends.runner import Runner
 from xpdeploy.verify.latency import (
     RatioEstimate,
@@ -16,16 +17,6 @@ from xpdeploy.verify.latency import (
     measure_latency,
     measure_rounds,
 )
-
-
-class FakeClock:
-    """A clock in seconds that only moves when a fake runner works."""
-
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class FakeRunner:
@@ -72,12 +63,12 @@ def test_latency_stats_rejects_bad_input() -> None:
 
 
 def test_fake_runner_satisfies_protocol() -> None:
-    assert isinstance(FakeRunner("a", [], FakeClock()), Runner)
+    assert isinstance(FakeRunner("a", [], FakeClock(100.0)), Runner)
 
 
 def test_interleaved_order_alternates_and_times_are_exact() -> None:
     log: list[str] = []
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     a = FakeRunner("A", log, clock, cost_ms=2.0)
     b = FakeRunner("B", log, clock, cost_ms=1.0)
     pixels = np.zeros((8, 3, 4, 4), dtype=np.float32)
@@ -94,7 +85,7 @@ def test_interleaved_order_alternates_and_times_are_exact() -> None:
 
 def test_every_runner_gets_the_same_array() -> None:
     log: list[str] = []
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     a, b = FakeRunner("A", log, clock), FakeRunner("B", log, clock)
     measure_interleaved([a, b], np.ones((4, 3, 2, 2)), batch=4, warmup=1, iters=3, clock=clock)
     first = a.inputs[0]
@@ -117,7 +108,7 @@ def test_batch_smaller_than_samples_takes_first_rows() -> None:
 
 def test_measure_latency_single_runner() -> None:
     log: list[str] = []
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     r = FakeRunner("only", log, clock, cost_ms=3.0)
     s = measure_latency(r, np.zeros((1, 3, 2, 2)), batch=1, warmup=3, iters=4, clock=clock)
     assert len(log) == 7
@@ -125,7 +116,7 @@ def test_measure_latency_single_runner() -> None:
 
 
 def test_real_clock_gives_positive_times() -> None:
-    r = FakeRunner("real", [], FakeClock())
+    r = FakeRunner("real", [], FakeClock(100.0))
     s = measure_latency(r, np.zeros((2, 3, 2, 2)), batch=2, warmup=0, iters=3)
     assert s.iters == 3 and s.p50 >= 0.0
 
@@ -134,7 +125,7 @@ def test_argument_checks() -> None:
     pixels = np.zeros((1, 3, 2, 2))
     with pytest.raises(ValueError, match="no runners"):
         measure_interleaved([], pixels, batch=1, warmup=0, iters=1)
-    r = FakeRunner("a", [], FakeClock())
+    r = FakeRunner("a", [], FakeClock(100.0))
     with pytest.raises(ValueError, match="iters"):
         measure_interleaved([r], pixels, batch=1, warmup=0, iters=0)
     with pytest.raises(ValueError, match="warmup"):
@@ -159,7 +150,7 @@ def test_measure_rounds_gives_per_round_medians_ratio_and_spread() -> None:
     """3 rounds of 2 calls: the baseline drifts (4, 6, 2 ms) while the candidate holds at 2 ms, so
     the rounds' speedups are 2, 3 and 1: median 2, spread (3 - 1) / 2 / 2 = 0.5."""
     log: list[str] = []
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     base = ScheduledRunner("A", log, clock, [50.0, 4.0, 4.0, 6.0, 6.0, 2.0, 2.0])
     cand = ScheduledRunner("B", log, clock, [50.0] + [2.0] * 6)
     t = measure_rounds([base, cand], np.zeros((2, 3, 2, 2)), batch=2, warmup=1, iters=6, rounds=3,
@@ -190,7 +181,7 @@ def test_measure_rounds_gives_per_round_medians_ratio_and_spread() -> None:
 def test_measure_rounds_rounds_the_calls_per_round_up() -> None:
     """iters 5 over 2 rounds: ceil(5 / 2) = 3 calls per round, 6 in all; iters below rounds still
     times one call per round."""
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     a, b = FakeRunner("A", [], clock, 3.0), FakeRunner("B", [], clock, 1.5)
     t = measure_rounds([a, b], np.zeros((1, 3)), batch=1, warmup=0, iters=5, rounds=2, clock=clock)
     assert [len(r) for r in t.times[0]] == [3, 3] and t.stats(1).iters == 6

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.latency.tables import table_key
+from tests.verify.fake_clock import FakeClock
 from xpdeploy.latency.grid import BlockGrid, GridFile, GridModel, GridShape
 from xpdeploy.verify.latency_grid import TimingSettings, measure_table
 
@@ -27,18 +28,10 @@ def in_model(heads: list[int], mlp: list[int]) -> float:
     return FIXED + sum(SCALE * alone(h, m) + PER_BLOCK for h, m in zip(heads, mlp, strict=True))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class FakeRunner:
     """Each call costs ``ms`` on the clock (plus ``drift`` ms more every call: unsteady)."""
 
-    def __init__(self, clock: Clock, ms: float, drift: float = 0.0) -> None:
+    def __init__(self, clock: FakeClock, ms: float, drift: float = 0.0) -> None:
         self.name, self.clock, self.ms, self.drift = "fake", clock, ms, drift
 
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -62,7 +55,7 @@ def _grid() -> BlockGrid:
                                  for i, (h, m) in enumerate(plans)])
 
 
-def _opener(clock: Clock, grid: BlockGrid, drifting: str | None = None):
+def _opener(clock: FakeClock, grid: BlockGrid, drifting: str | None = None):
     ms = {p.file: alone(p.heads, p.mlp) for p in grid.shapes[0].points}
     ms["stem"] = FIXED
     for model in (grid.original, grid.smallest, *grid.validation):
@@ -80,7 +73,7 @@ TIMING = TimingSettings(warmup=1, iters=6, rounds=3, max_spread=0.05, retries=2)
 
 
 def test_the_table_holds_what_was_timed_and_its_calibration_is_exact(tmp_path: Path) -> None:
-    clock, grid = Clock(), _grid()
+    clock, grid = FakeClock(), _grid()
     opener, opened = _opener(clock, grid)
     table = measure_table(grid, tmp_path, table_key(batch=4), opener, TIMING, clock=clock)
     assert table.key.batch == 4
@@ -100,7 +93,7 @@ def test_the_table_holds_what_was_timed_and_its_calibration_is_exact(tmp_path: P
 
 
 def test_an_unsteady_point_is_measured_again_then_marked(tmp_path: Path) -> None:
-    clock, grid = Clock(), _grid()
+    clock, grid = FakeClock(), _grid()
     opener, opened = _opener(clock, grid, drifting="b_h1_m8")
     table = measure_table(grid, tmp_path, table_key(), opener, TIMING, clock=clock)
     bad = {(p.heads, p.mlp): p for p in table.shapes[0].points}[(1, 8)]

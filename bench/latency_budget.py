@@ -40,19 +40,20 @@ from bench.allocation import finetuned_top1, fmt_finetuned, original_curves, sum
 from bench.pruning_quality import ROOT, load_base, require_base_inputs
 from xpdeploy.artifacts import LatencySetting
 from xpdeploy.backends.ort_runner import OrtRunner
-from xpdeploy.environment import capture, device_fingerprint, fingerprint_id
+from xpdeploy.environment import capture, device_fingerprint
 from xpdeploy.export.block_grid import export_block_grid
 from xpdeploy.export.onnx_export import export_onnx
 from xpdeploy.export.simplify import simplify_onnx
 from xpdeploy.fileio import sha256_json, write_json_atomic
 from xpdeploy.latency.cache import cached_table, store_table
-from xpdeploy.latency.table import LatencyModel, TableKey
+from xpdeploy.latency.table import LatencyModel
 from xpdeploy.prune.allocation import LatencyTarget, solve_budgets
 from xpdeploy.prune.mac_model import MacModel
 from xpdeploy.prune.planner import PlanConstraints, repair_to_budget
 from xpdeploy.prune.surgery import prune_model
 from xpdeploy.prune.unit_scores import KeepSets, UnitScores
 from xpdeploy.spec import LatencyConfig, load_spec
+from xpdeploy.stages.latency_table import table_key
 from xpdeploy.training.batches import fixed_images
 from xpdeploy.training.evaluate import evaluate_top1
 from xpdeploy.verify.latency import measure_rounds
@@ -200,10 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         if row is None:
             setting = LatencySetting(runtime="onnxruntime-cpu", precision="fp32", batch=batch,
                                      threads=args.threads)
-            key = TableKey(arch_digest=grid.arch_digest, arch_name=grid.arch_name,
-                           runtime=setting.runtime, precision="fp32", batch=batch,
-                           threads=args.threads, device_id=fingerprint_id(env),
-                           device=device_fingerprint(env))
+            key = table_key(grid, setting)
             t0 = time.monotonic()
             table = cached_table(key)
             if table is None:

@@ -22,10 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.pruning_quality import ROOT, load_base, require_base_inputs
 from xpdeploy.artifacts import LatencySetting
 from xpdeploy.backends.ort_runner import OrtRunner
-from xpdeploy.environment import capture, device_fingerprint, fingerprint_id
 from xpdeploy.export.block_grid import export_block_grid
-from xpdeploy.latency.table import TableKey
 from xpdeploy.spec import LatencyConfig
+from xpdeploy.stages.latency_table import table_key
 from xpdeploy.verify.latency import RatioEstimate, measure_rounds
 from xpdeploy.verify.latency_grid import TimingSettings, measure_table, runtime_opener
 
@@ -46,10 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                              opset=17)
     setting = LatencySetting(runtime="onnxruntime-cpu", precision="fp32", batch=args.batch,
                              threads=1)
-    env = capture()
-    key = TableKey(arch_digest=grid.arch_digest, arch_name=grid.arch_name, runtime=setting.runtime,
-                   precision="fp32", batch=args.batch, threads=1,
-                   device_id=fingerprint_id(env), device=device_fingerprint(env))
+    key = table_key(grid, setting)
     cfg = LatencyConfig()
     x = np.random.default_rng(0).standard_normal((args.batch, *dc.input_size)).astype(np.float32)
 

@@ -42,16 +42,22 @@ def setting_of(cfg: LatencyConfig) -> LatencySetting:
                           threads=cfg.threads if cfg.runtime == "onnxruntime-cpu" else 0)
 
 
+def table_key(grid: BlockGrid, setting: LatencySetting) -> TableKey:
+    """Where a table of ``grid`` measured on this machine with ``setting`` holds (this machine's
+    fingerprint: ``environment.device_fingerprint``)."""
+    env = capture()
+    return TableKey(arch_digest=grid.arch_digest, arch_name=grid.arch_name,
+                    runtime=setting.runtime, precision=setting.precision, batch=setting.batch,
+                    threads=setting.threads, device_id=fingerprint_id(env),
+                    device=device_fingerprint(env))
+
+
 def run(ctx: StageContext[Settings], blocks: LatencyBlocks) -> dict[str, Artifact]:
     cfg = ctx.settings.latency
     grid_path = ctx.path(blocks.file)
     grid = BlockGrid.read(grid_path)
     setting = setting_of(cfg)
-    env = capture()
-    key = TableKey(arch_digest=grid.arch_digest, arch_name=grid.arch_name,
-                   runtime=setting.runtime, precision=setting.precision, batch=setting.batch,
-                   threads=setting.threads, device_id=fingerprint_id(env),
-                   device=device_fingerprint(env))
+    key = table_key(grid, setting)
     if cfg.table is not None:
         table = LatencyModel.read(cfg.table, what="prune.latency.table")
         # A CPU or onnxruntime table holds on the machine it was measured on; a TensorRT table

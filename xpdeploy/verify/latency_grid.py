@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def measure_table(grid: BlockGrid, folder: Path, key: TableKey, open_runner: Run
             ref_medians: list[float] = []
             for point in shape.points:
                 with open_runner(folder / point.file, TOKENS) as r:
-                    est, medians = _ratio(ref, tokens, r, tokens, batch, kw, timing)
+                    est, medians = _ratio(ref, r, tokens, batch, kw, timing)
                 estimates.append((point.heads, point.mlp, est))
                 ref_medians += medians
                 advance(1)
@@ -106,7 +106,7 @@ def measure_table(grid: BlockGrid, folder: Path, key: TableKey, open_runner: Run
         measured = {}
         for model in (grid.stem, grid.smallest):
             with open_runner(folder / model.file, "pixels") as r:
-                est, _ = _ratio(original, pixels, r, pixels, batch, kw, timing)
+                est, _ = _ratio(original, r, pixels, batch, kw, timing)
             measured[model.name] = est.value * original_ms
             advance(1)
         draft = _calibrated(LatencyModel(
@@ -116,7 +116,7 @@ def measure_table(grid: BlockGrid, folder: Path, key: TableKey, open_runner: Run
         rows = []
         for model in grid.validation:
             with open_runner(folder / model.file, "pixels") as r:
-                est, _ = _ratio(original, pixels, r, pixels, batch, kw, timing)
+                est, _ = _ratio(original, r, pixels, batch, kw, timing)
             rows.append(ValidationRow(name=model.name, heads=model.heads, mlp=model.mlp,
                                       predicted_ms=draft.predict(model.heads, model.mlp),
                                       measured_ms=est.value * original_ms, spread=est.spread))
@@ -252,45 +252,40 @@ def _settings(timing: TimingSettings) -> dict[str, float]:
             "max_spread": timing.max_spread}
 
 
-class _Fed:
-    """A runner bound to its own input, so runners of different inputs interleave."""
+_T = TypeVar("_T")
 
-    def __init__(self, runner: Runner, x: np.ndarray) -> None:
-        self.name = runner.name
-        self._runner, self._x = runner, x
 
-    def infer(self, _pixels: np.ndarray) -> np.ndarray:
-        return self._runner.infer(self._x)
+def _steadiest(measure: Callable[[], tuple[RatioEstimate, _T]], timing: TimingSettings
+               ) -> tuple[RatioEstimate, _T]:
+    """``measure()`` again while its rounds disagree by more than ``max_spread``, up to
+    ``retries`` times; the try with the smallest spread, and what it returned with it."""
+    best: tuple[RatioEstimate, _T] | None = None
+    for _ in range(1 + timing.retries):
+        est, extra = measure()
+        if best is None or est.spread < best[0].spread:
+            best = (est, extra)
+        if est.stable(timing.max_spread):
+            break
+    assert best is not None
+    return best
 
 
 def _alone(runner: Runner, x: np.ndarray, batch: int, kw: dict[str, object],
            timing: TimingSettings) -> RatioEstimate:
     """``runner``'s latency (ms per batch) timed alone in rounds: the median of the rounds'
-    medians, measured again while they disagree by more than ``max_spread`` (steadiest kept)."""
-    best: RatioEstimate | None = None
-    for _ in range(1 + timing.retries):
-        est = measure_rounds([runner], x, batch, **kw).latency(0)  # type: ignore[arg-type]
-        if best is None or est.spread < best.spread:
-            best = est
-        if est.stable(timing.max_spread):
-            break
-    assert best is not None
-    return best
+    medians (the steadiest try)."""
+    def once() -> tuple[RatioEstimate, None]:
+        return measure_rounds([runner], x, batch, **kw).latency(0), None  # type: ignore[arg-type]
+
+    return _steadiest(once, timing)[0]
 
 
-def _ratio(a: Runner, xa: np.ndarray, b: Runner, xb: np.ndarray, batch: int,
-           kw: dict[str, object], timing: TimingSettings) -> tuple[RatioEstimate, list[float]]:
-    """b / a, each called on its own input, interleaved in rounds; measured again while the rounds
-    disagree by more than ``max_spread`` (the steadiest try kept). Also a's round medians."""
-    runners: list[Runner] = [_Fed(a, xa), _Fed(b, xb)]
-    unused = np.zeros((1, 1), dtype=np.float32)  # each runner feeds its own input
-    best: tuple[RatioEstimate, list[float]] | None = None
-    for _ in range(1 + timing.retries):
-        times = measure_rounds(runners, unused, batch, **kw)  # type: ignore[arg-type]
-        est = times.ratio(1, 0)
-        if best is None or est.spread < best[0].spread:
-            best = (est, times.medians(0))
-        if est.stable(timing.max_spread):
-            break
-    assert best is not None
-    return best
+def _ratio(a: Runner, b: Runner, x: np.ndarray, batch: int, kw: dict[str, object],
+           timing: TimingSettings) -> tuple[RatioEstimate, list[float]]:
+    """b / a on the same input, interleaved in rounds (the steadiest try); and a's round
+    medians, ms per batch."""
+    def once() -> tuple[RatioEstimate, list[float]]:
+        times = measure_rounds([a, b], x, batch, **kw)  # type: ignore[arg-type]
+        return times.ratio(1, 0), times.medians(0)
+
+    return _steadiest(once, timing)

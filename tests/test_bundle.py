@@ -68,8 +68,7 @@ def bundled_run(tmp_path_factory: pytest.TempPathFactory) -> BundledRun:
     spec_dict = tiny_pipeline_dict(
         stages=STAGES,
         prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
-        build_engine={"precision": "best", "calibration": str(tmp / "calib.txt"),
-                      "calibration_batch_size": 2},
+        build_engine={"precision": "best", "calibration": str(tmp / "calib.txt")},
     )
     run_dir = tmp / "run"
     result = run_pipeline(load_spec(write_pipeline(tmp / "p.yaml", spec_dict)), run_dir)

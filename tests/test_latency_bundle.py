@@ -63,7 +63,7 @@ from tests.engine import ort_backed_trt as stand_in
 stand_in.install_stand_in(setattr)
 _execute = stand_in.OrtContext.execute_async_v3
 def _timed(self, stream):  # 1 ms + 1 ms per 20 kB of weights (module doc)
-    time.sleep(1e-3 + os.path.getsize(self.engine.note["onnx"]) / 20e6)
+    time.sleep(1e-3 + os.path.getsize(self.engine._note["onnx"]) / 20e6)
     return _execute(self, stream)
 stand_in.OrtContext.execute_async_v3 = _timed
 from xpdeploy.cli import main
@@ -307,10 +307,15 @@ def test_the_bundle_header_comes_first(measured: Measured) -> None:
     assert bundle_header(measured.tar).pipeline == "tiny"
 
 
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.1", "10.3.0", "10.11.0.33", "10.12.0.36",
+                                     "10.13.0.35", "11.4.0.106"])
 def test_the_tensorrt_opener_shares_one_backend_and_reuses_plans(
-        measured: Measured, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In process: runners open together share one CUDA backend, closed with the last; a file
-    opened again is not built again; a file fed the wrong input name is refused."""
+        measured: Measured, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        version: str) -> None:
+    """In process, on a stand-in of each TensorRT version (tests/engine/trt_api.py): runners open
+    together share one CUDA backend, closed with the last; a file opened again is not built
+    again; a file fed the wrong input name is refused. JetPack 5's 8.5 refuses the grid's
+    opset-17 files in one line before any build."""
     import numpy as np
 
     from tests.engine.ort_backed_trt import install_stand_in
@@ -319,13 +324,19 @@ def test_the_tensorrt_opener_shares_one_backend_and_reuses_plans(
     from xpdeploy.verify.latency_grid import runtime_opener
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # restored after the test
-    trt, _, loader = install_stand_in(monkeypatch.setattr)
+    trt, calls, loader = install_stand_in(monkeypatch.setattr, version=version)
     folder = measured.run_dir / "11_latency_blocks"
     grid = BlockGrid.read(folder / "grid.json")
     setting = LatencySetting(runtime="tensorrt", precision="fp32", batch=BATCH, threads=0)
     opener = runtime_opener(setting, tmp_path / "engines")
     block = folder / grid.shapes[0].reference().file
     tokens = np.ones((BATCH, *grid.shapes[0].input_shape), np.float32)
+    if version.startswith("8.5"):
+        with pytest.raises(BuildError, match=r"TensorRT 8\.5\.2 cannot parse .*opset"), \
+                opener(block, "tokens"):
+            pass
+        assert calls == []
+        return
     with opener(block, "tokens") as a, opener(folder / grid.original.file, "pixels") as b:
         assert a.name == b.name == "trt-fp32"
         assert a.infer(tokens).shape == tokens.shape  # the block's tokens out, (B, T, D)
@@ -334,8 +345,9 @@ def test_the_tensorrt_opener_shares_one_backend_and_reuses_plans(
     assert loader.opened[0].closed and loader.opened[0].live_allocations == 0
     with opener(block, "tokens"):
         pass
-    assert len(trt.builds) == 2  # the block's plan came from the engine cache
-    assert trt.builds[0]["flags"] == []  # fp32: no precision flag
+    assert len(trt._builds) == 2  # the block's plan came from the engine cache
+    assert trt._builds[0]["flags"] == []  # fp32: no precision flag
+    assert trt._builds[0]["profile"][1] == [BATCH, *grid.shapes[0].input_shape]  # static, tokens
     with pytest.raises(BuildError, match=r"takes input 'tokens', the latency grid feeds it "
                                          r"'pixels'; rerun latency_blocks"), \
             opener(block, "pixels"):

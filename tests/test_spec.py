@@ -147,7 +147,7 @@ def test_build_engine_defaults_and_new_fields(tmp_path: Path) -> None:
     assert be is not None
     assert be.profiles is None and be.timing_cache is None and be.engine_cache is None
     assert be.layernorm_fp32 == "auto" and be.layernorm_override() is None
-    assert be.calibration_batch_size == 8 and be.batch_sizes == [1]
+    assert be.calibration_batch_size is None and be.batch_sizes == [1]  # follows each engine
     spec = _load(tmp_path, tiny_pipeline_dict(build_engine={
         "profiles": [[1, 8, 32], [4, 4, 4]], "layernorm_fp32": "on",
         "timing_cache": "~/trt/timing.cache", "engine_cache": "/cache/engines",
@@ -182,6 +182,15 @@ def test_build_engine_profile_shape_and_other_fields(tmp_path: Path) -> None:
         _load(tmp_path, tiny_pipeline_dict(build_engine={"layernorm_fp32": "of"}))
     with pytest.raises(ConfigError, match=r"build_engine\.calibration_batch_size: "):
         _load(tmp_path, tiny_pipeline_dict(build_engine={"calibration_batch_size": 0}))
+    with pytest.raises(ConfigError) as exc:  # TensorRT calibrates at the engine's opt batch
+        _load(tmp_path, tiny_pipeline_dict(build_engine={
+            "precision": "int8", "batch_sizes": [1, 8], "calibration_batch_size": 8}))
+    msg = str(exc.value)
+    assert "\n" not in msg and "calibration_batch_size 8 differs from the int8 engines' batch " \
+        "1, 8 (batch_sizes)" in msg and "build_engine.calibration_batch_size=null" in msg
+    be = _load(tmp_path, tiny_pipeline_dict(build_engine={
+        "precision": "best", "profiles": [[1, 4, 8]], "calibration_batch_size": 4})).build_engine
+    assert be is not None and be.calibration_batch_size == 4  # equal to the opt batch: kept
     with pytest.raises(ConfigError, match="unknown key 'calibration_count' in section "
                                           "'build_engine'"):
         _load(tmp_path, tiny_pipeline_dict(build_engine={"calibration_count": 100}))

@@ -531,8 +531,10 @@ class BuildEngineConfig(Section):
         None, description="calibration set manifest for int8 (or its preprocessed .npz)"
     )
     calibrator: Literal["minmax", "entropy2"] = "minmax"
-    calibration_batch_size: int = Field(
-        8, gt=0, description="images per int8 calibration batch (a last partial batch is dropped)"
+    calibration_batch_size: int | None = Field(
+        None, gt=0, description="images per int8 calibration batch; null (default): each int8 "
+        "engine's opt batch, the shape TensorRT reads calibration batches at (a last partial "
+        "batch is dropped); a value must equal every engine's opt batch"
     )
     layernorm_fp32: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -580,6 +582,24 @@ class BuildEngineConfig(Section):
                     f"profile [{lo}, {mid}, {hi}] needs 0 < min <= opt <= max (batch, images)"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _calibration_at_the_engine_batch(self) -> BuildEngineConfig:
+        # TensorRT's implicit calibration reads each batch at the calibration profile's opt shape,
+        # which is the engine's: a batch of another size is read in part, or past its end.
+        if self.calibration_batch_size is None or self.precision not in ("int8", "best"):
+            return self
+        opt = sorted({p[1] for p in self.profiles} if self.profiles else set(self.batch_sizes))
+        if opt != [self.calibration_batch_size]:
+            where = "profiles' opt" if self.profiles else "batch_sizes"
+            raise ValueError(
+                f"calibration_batch_size {self.calibration_batch_size} differs from the int8 "
+                f"engines' batch {', '.join(map(str, opt))} ({where}): TensorRT reads "
+                "calibration batches at each engine's opt batch; remove calibration_batch_size "
+                "(it then follows each engine; on a bundle: --set "
+                "build_engine.calibration_batch_size=null)"
+            )
+        return self
 
     def layernorm_override(self) -> bool | None:
         """``layernorm_fp32`` as :func:`~xpdeploy.engine.settings.plan_builds` takes it.

@@ -14,20 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.engine.fake_trt import (
-    BuilderFlag,
-    DataType,
-    FakeLayer,
-    FakeTensor,
-    LayerInformationFormat,
-    LayerType,
-    MemoryPoolType,
-    NetworkDefinitionCreationFlag,
-    ProfilingVerbosity,
-    Scenario,
-    make_fake_trt,
-    names,
-)
+from tests.engine.fake_trt import FakeLayer, FakeTensor, Scenario, make_fake_trt, names
 from xpdeploy.backends.trt_versions import TrtVersion
 from xpdeploy.engine.builder import build_engine, is_fused_attention_layer
 from xpdeploy.engine.settings import BuildSettings, plan_builds
@@ -51,10 +38,12 @@ def onnx(tmp_path: Path) -> Path:
 
 
 def run(tmp_path: Path, onnx: Path, s: BuildSettings, sc: Scenario | None = None, **kw: Any):
+    """build_engine against the stand-in of ``sc.version``; the result, the calls and the
+    stand-in module (whose enums are the version's)."""
     trt, calls = make_fake_trt(sc)
     result = build_engine(onnx, s, trt_module=trt, timing_cache_path=tmp_path / "timing.cache",
                           log_path=tmp_path / "build.log", **kw)
-    return result, calls
+    return result, calls, trt
 
 
 def flags_set(calls: list[tuple]) -> list[Any]:
@@ -62,7 +51,7 @@ def flags_set(calls: list[tuple]) -> list[Any]:
 
 
 def test_weak_fp16_call_order_and_arguments(tmp_path, onnx) -> None:
-    result, calls = run(tmp_path, onnx, settings(precision="fp16", workspace_mb=256))
+    result, calls, trt = run(tmp_path, onnx, settings(precision="fp16", workspace_mb=256))
     order = [n for n in names(calls) if not n.startswith("ILogger")]
     assert order == [
         "Builder", "builder.create_network", "OnnxParser", "parser.parse_from_file",
@@ -74,25 +63,28 @@ def test_weak_fp16_call_order_and_arguments(tmp_path, onnx) -> None:
     ]
     assert ("builder.create_network", 0) in calls  # no EXPLICIT_BATCH on 10.x
     assert ("parser.parse_from_file", str(onnx)) in calls
-    assert ("config.set_memory_pool_limit", MemoryPoolType.WORKSPACE, 256 << 20) in calls
-    assert flags_set(calls) == [BuilderFlag.FP16]
-    assert ("config.profiling_verbosity", ProfilingVerbosity.DETAILED) in calls
-    assert ("inspector.get_engine_information", LayerInformationFormat.JSON) in calls
+    workspace = trt.MemoryPoolType.WORKSPACE
+    assert ("config.set_memory_pool_limit", workspace, 256 << 20) in calls
+    assert flags_set(calls) == [trt.BuilderFlag.FP16]
+    assert ("config.profiling_verbosity", trt.ProfilingVerbosity.DETAILED) in calls
+    assert ("inspector.get_engine_information", trt.LayerInformationFormat.JSON) in calls
     assert result.plan == b"PLAN"
     assert ("runtime.deserialize_cuda_engine", b"PLAN") in calls
 
 
 def test_trt8_sets_explicit_batch(tmp_path, onnx) -> None:
-    _, calls = run(tmp_path, onnx, settings("8.6.1", precision="fp32"),
+    _, calls, trt = run(tmp_path, onnx, settings("8.6.1", precision="fp32"),
                    Scenario(version="8.6.1"))
-    assert ("builder.create_network", 1 << NetworkDefinitionCreationFlag.EXPLICIT_BATCH) in calls
+    explicit = trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
+    assert ("builder.create_network", 1 << explicit) in calls
     assert flags_set(calls) == []
 
 
 def test_int8_sets_flag_and_calibrator(tmp_path, onnx) -> None:
     cal = object()
-    _, calls = run(tmp_path, onnx, settings(precision="int8", calibration="c.json"), calibrator=cal)
-    assert flags_set(calls) == [BuilderFlag.INT8, BuilderFlag.FP16]
+    s = settings(precision="int8", calibration="c.json")
+    _, calls, trt = run(tmp_path, onnx, s, calibrator=cal)
+    assert flags_set(calls) == [trt.BuilderFlag.INT8, trt.BuilderFlag.FP16]
     assert ("config.int8_calibrator", cal) in calls
     profile = next(c[1] for c in calls if c[0] == "config.add_optimization_profile")
     assert ("config.set_calibration_profile", profile) in calls
@@ -105,40 +97,43 @@ def test_int8_without_calibrator_is_refused_before_tensorrt(tmp_path, onnx) -> N
 
 def test_strong_path_creates_strongly_typed_network_without_precision_flags(tmp_path, onnx):
     s = settings("10.12.0", graph="fp16", precision="fp16")
-    _, calls = run(tmp_path, onnx, s, Scenario(version="10.12.0"))
-    assert ("builder.create_network", 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED) in calls
+    _, calls, trt = run(tmp_path, onnx, s, Scenario(version="10.12.0"))
+    strongly_typed = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert ("builder.create_network", 1 << strongly_typed) in calls
     assert flags_set(calls) == []
     assert "config.int8_calibrator" not in names(calls)
 
 
 def test_layernorm_pinned_on_trt8(tmp_path, onnx) -> None:
     layers = [
-        FakeLayer("/blocks.0/norm1/ReduceMean", LayerType.REDUCE),
-        FakeLayer("/blocks.0/norm1/Constant", LayerType.CONSTANT),
-        FakeLayer("/blocks.0/norm1/Shape", LayerType.SHAPE, out_dtype="int64"),
-        FakeLayer("/blocks.0/attn/qkv/MatMul", LayerType.MATRIX_MULTIPLY),
-        FakeLayer("/fc_norm/LayerNormalization", LayerType.NORMALIZATION),
+        FakeLayer("/blocks.0/norm1/ReduceMean", "REDUCE"),
+        FakeLayer("/blocks.0/norm1/Constant", "CONSTANT"),
+        FakeLayer("/blocks.0/norm1/Shape", "SHAPE", out_dtype="INT32"),  # 8.6 has no INT64
+        FakeLayer("/blocks.0/attn/qkv/MatMul", "MATRIX_MULTIPLY"),
+        FakeLayer("/fc_norm/LayerNormalization", "NORMALIZATION"),
     ]
     sc = Scenario(version="8.6.1", layers=layers)
-    result, calls = run(tmp_path, onnx, settings("8.6.1", precision="fp16"), sc)
-    assert flags_set(calls) == [BuilderFlag.FP16, BuilderFlag.PREFER_PRECISION_CONSTRAINTS]
+    result, calls, trt = run(tmp_path, onnx, settings("8.6.1", precision="fp16"), sc)
+    flag = trt.BuilderFlag
+    assert flags_set(calls) == [flag.FP16, flag.PREFER_PRECISION_CONSTRAINTS]
     assert result.layernorm_layers_pinned == 2
-    assert layers[0].precision is DataType.FLOAT and layers[0].output_types == {0: DataType.FLOAT}
-    assert layers[4].precision is DataType.FLOAT
+    fp32 = trt.DataType.FLOAT
+    assert layers[0].precision is fp32 and layers[0].output_types == {0: fp32}
+    assert layers[4].precision is fp32
     assert layers[1].precision is None and layers[2].precision is None
     assert layers[3].precision is None
 
 
 def test_static_onnx_input_gets_no_profile_and_mismatch_is_refused(tmp_path, onnx) -> None:
     sc = Scenario(inputs=[FakeTensor("pixels", (1, *CHW))])
-    _, calls = run(tmp_path, onnx, settings(batch_sizes=[1]), sc)
+    _, calls, _ = run(tmp_path, onnx, settings(batch_sizes=[1]), sc)
     assert "builder.create_optimization_profile" not in names(calls)
     with pytest.raises(BuildError, match=r"fixed at \(1, 3, 16, 16\).*dynamic batch axis"):
         run(tmp_path, onnx, settings(batch_sizes=[8]), Scenario(inputs=sc.inputs))
 
 
 def test_dynamic_profile_shapes(tmp_path, onnx) -> None:
-    _, calls = run(tmp_path, onnx, settings(profiles=[(1, 4, 8)]))
+    _, calls, _ = run(tmp_path, onnx, settings(profiles=[(1, 4, 8)]))
     assert ("profile.set_shape", "pixels", (1, *CHW), (4, *CHW), (8, *CHW)) in calls
 
 
@@ -149,7 +144,7 @@ def test_missing_input_name(tmp_path, onnx) -> None:
 
 def test_timing_cache_loaded_and_saved(tmp_path, onnx) -> None:
     (tmp_path / "timing.cache").write_bytes(b"OLD")
-    _, calls = run(tmp_path, onnx, settings())
+    _, calls, _ = run(tmp_path, onnx, settings())
     assert ("config.create_timing_cache", b"OLD") in calls
     assert ("config.set_timing_cache", b"OLD", False) in calls
     assert (tmp_path / "timing.cache").read_bytes() == b"OLD+timed"
@@ -157,10 +152,30 @@ def test_timing_cache_loaded_and_saved(tmp_path, onnx) -> None:
 
 def test_rejected_timing_cache_starts_empty_with_a_warning(tmp_path, onnx) -> None:
     (tmp_path / "timing.cache").write_bytes(b"OTHER-GPU")
-    result, calls = run(tmp_path, onnx, settings(), Scenario(timing_cache_accepted=False))
+    result, calls, _ = run(tmp_path, onnx, settings(), Scenario(timing_cache_accepted=False))
     assert ("config.set_timing_cache", b"", False) in calls
     assert any("timing cache" in w for w in result.warnings)
     assert (tmp_path / "timing.cache").read_bytes() == b"+timed"
+
+
+@pytest.mark.parametrize("blob", ["none", "raise"])
+def test_corrupt_timing_cache_is_a_warning_and_a_fresh_cache(tmp_path, onnx, blob) -> None:
+    """A truncated or foreign file where the timing cache should be: TensorRT returns no cache
+    (or raises); the build goes on with a fresh one and saves it over the bad file."""
+    (tmp_path / "timing.cache").write_bytes(b"\x00garbage")
+    result, calls, _ = run(tmp_path, onnx, settings(), Scenario(timing_cache_blob=blob))
+    assert result.plan == b"PLAN"
+    assert ("config.set_timing_cache", b"", False) in calls
+    (warning,) = [w for w in result.warnings if "timing cache" in w]
+    assert "is corrupt or was written by another GPU or TensorRT; starting a fresh one" in warning
+    assert (tmp_path / "timing.cache").read_bytes() == b"+timed"
+
+
+def test_unreadable_or_unwritable_timing_cache_is_a_warning(tmp_path, onnx) -> None:
+    (tmp_path / "timing.cache").mkdir()  # a folder where the file should be: neither read nor
+    result, _, _ = run(tmp_path, onnx, settings())  # written, and the build still succeeds
+    assert result.plan == b"PLAN"
+    assert any("could not be saved" in w for w in result.warnings)
 
 
 def test_parse_errors_become_one_line_build_error(tmp_path, onnx) -> None:
@@ -187,9 +202,9 @@ def test_build_log_and_fused_attention_count(tmp_path, onnx) -> None:
          "LayerType": "Myelin"},
         {"Name": "mha_1", "LayerType": "kgen", "TacticName": "fmha_v2_flash_attention"},
     ]}
-    result, _ = run(tmp_path, onnx, settings(), Scenario(layer_info=info), attention_blocks=2)
+    result, _, _ = run(tmp_path, onnx, settings(), Scenario(layer_info=info), attention_blocks=2)
     assert result.fused_attention_kernels == 2 and result.warnings == []
-    result, _ = run(tmp_path, onnx, settings(), Scenario(layer_info=info), attention_blocks=12)
+    result, _, _ = run(tmp_path, onnx, settings(), Scenario(layer_info=info), attention_blocks=12)
     assert any("2 fused attention kernels found for 12" in w for w in result.warnings)
     assert (tmp_path / "build.log").is_file()
 

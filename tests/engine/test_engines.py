@@ -72,8 +72,8 @@ def test_fp16_engines_of_both_models_with_build_files(bundled_run: BundledRun,  
         assert e.fused_attention_kernels == 0 and e.attention_blocks == 2
         assert any("0 fused attention kernels found for 2 attention blocks" in w
                    for w in e.warnings)
-    assert [b["flags"] for b in trt.builds] == [["FP16"]] * 4
-    assert [b["profile"][0][0] for b in trt.builds] == [1, 4, 1, 4]  # static: min = opt = max
+    assert [b["flags"] for b in trt._builds] == [["FP16"]] * 4
+    assert [b["profile"][0][0] for b in trt._builds] == [1, 4, 1, 4]  # static: min = opt = max
     assert (tmp_path / "eng" / "timing-nvidia-orin-sm87-trt10.3.0.cache").is_file()
     assert any("TensorRT 10.3.0.26 (weakly typed path) on NVIDIA Orin" in m for m in lines)
     # The artifact lists every file it owns, so the digest covers the plans.
@@ -84,19 +84,20 @@ def test_engine_cache_reuses_only_the_same_key(bundled_run: BundledRun,  # noqa:
                                                tmp_path: Path) -> None:
     _, sources, calib = _setup(bundled_run, tmp_path)
     backend = DeviceMemoryBackend()
-    cfg = BuildEngineConfig(precision="int8", calibration=Path("c.txt"),
-                            calibration_batch_size=4, engine_cache=tmp_path / "cache")
+    cfg = BuildEngineConfig(precision="int8", calibration=Path("c.txt"), batch_sizes=[4],
+                            engine_cache=tmp_path / "cache")
 
     def build(out: str, calibration: CalibrationBatch, device: DeviceMemoryBackend = backend):
         trt, _ = make_ort_backed_trt(device)
         es = build_engines(sources[:1], cfg, tmp_path, tmp_path / out, backend=device,
                            calibration=calibration, trt_module=trt, say=lambda m: None)
-        return es, trt.builds
+        return es, trt._builds
 
     first, builds = build("a", calib)
     (e,) = first.engines
     assert not e.cache_hit and builds[0]["flags"] == ["INT8", "FP16"]
     assert builds[0]["calibration_batches"] == 1  # 6 images in batches of 4: last 2 dropped
+    assert builds[0]["calibration_shape"] == [4, 3, 16, 16]
     again, builds = build("b", calib)
     assert again.engines[0].cache_hit and builds == []
     assert (tmp_path / again.engines[0].file).read_bytes() == (tmp_path / e.file).read_bytes()
@@ -106,20 +107,42 @@ def test_engine_cache_reuses_only_the_same_key(bundled_run: BundledRun,  # noqa:
     assert not build("d", calib, DeviceMemoryBackend("Other GPU", "9.0"))[0].engines[0].cache_hit
 
 
+def test_int8_calibrates_at_each_engines_opt_batch(bundled_run: BundledRun,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    """TensorRT reads every calibration batch at the calibration profile's opt shape, which is
+    the engine's; the stand-in checks each buffer's byte size against it. Before the fix the
+    calibrator served batches of calibration_batch_size (8 by default) to a batch-1 engine, of
+    which TensorRT would have read the first image only."""
+    _, sources, _ = _setup(bundled_run, tmp_path)
+    pixels = np.random.default_rng(1).normal(size=(16, 3, 16, 16)).astype(np.float32)
+    calib = CalibrationBatch(pixels, [], "e" * 64)
+    backend = DeviceMemoryBackend()
+    trt, _ = make_ort_backed_trt(backend)
+    lines: list[str] = []
+    for cfg in (BuildEngineConfig(precision="int8", calibration=Path("c.txt")),  # batch 1
+                BuildEngineConfig(precision="int8", calibration=Path("c.txt"),
+                                  profiles=[(1, 4, 8)])):
+        build_engines(sources[:1], cfg, tmp_path, tmp_path / "e", backend=backend,
+                      calibration=calib, trt_module=trt, say=lines.append)
+    assert [(b["calibration_shape"], b["calibration_batches"]) for b in trt._builds] == [
+        ([1, 3, 16, 16], 16), ([4, 3, 16, 16], 4)]
+    assert any("int8 calibration with 16 batches of 1 (minmax; 0 images dropped)" in m
+               for m in lines)
+
+
 def test_best_builds_fp16_and_int8_and_needs_calibration(bundled_run: BundledRun,  # noqa: F811
                                                          tmp_path: Path) -> None:
     _, sources, calib = _setup(bundled_run, tmp_path)
     backend = DeviceMemoryBackend()
     trt, _ = make_ort_backed_trt(backend)
-    cfg = BuildEngineConfig(precision="best", calibration=Path("c.txt"),
-                            calibration_batch_size=2)
+    cfg = BuildEngineConfig(precision="best", calibration=Path("c.txt"))
     with pytest.raises(BuildError, match="needs calibration images"):
         build_engines(sources, cfg, tmp_path, tmp_path / "x", backend=backend, trt_module=trt)
     out = build_engines(sources, cfg, tmp_path, tmp_path / "e", backend=backend,
                         calibration=calib, trt_module=trt, say=lambda m: None)
     assert [e.name for e in out.engines] == ["original.fp16-b1", "original.int8-b1",
                                              "pruned.fp16-b1", "pruned.int8-b1"]
-    assert [b.get("calibration_batches") for b in trt.builds] == [None, 3, None, 3]
+    assert [b.get("calibration_batches") for b in trt._builds] == [None, 6, None, 6]
     caches = sorted(p.name for p in (tmp_path / "e" / "calibration").iterdir())
     assert len(caches) == 2 and all(".minmax." in c for c in caches)
 
@@ -129,8 +152,7 @@ def test_strong_path_builds_host_cast_and_qdq_graphs(bundled_run: BundledRun,  #
     _, sources, calib = _setup(bundled_run, tmp_path)
     backend = DeviceMemoryBackend()
     trt, calls = make_ort_backed_trt(backend, version="10.12.0.36")
-    cfg = BuildEngineConfig(precision="best", calibration=Path("c.txt"),
-                            calibration_batch_size=2)
+    cfg = BuildEngineConfig(precision="best", calibration=Path("c.txt"))
     out = build_engines(sources[1:], cfg, tmp_path, tmp_path / "s", backend=backend,
                         calibration=calib, trt_module=trt, say=lambda m: None)
     fp16, int8 = out.engines
@@ -138,8 +160,8 @@ def test_strong_path_builds_host_cast_and_qdq_graphs(bundled_run: BundledRun,  #
     assert int8.graph_file == "s/graphs/pruned.int8.onnx"
     assert fp16.host_step is not None and fp16.host_step["parity"]["samples"] == 8 - 2
     assert int8.host_step is not None and int8.host_step["qdq_pairs"] > 0
-    assert [b["flags"] for b in trt.builds] == [[], []]  # precision comes from the graph
-    assert all("calibration_batches" not in b for b in trt.builds)  # no implicit calibrator
+    assert [b["flags"] for b in trt._builds] == [[], []]  # precision comes from the graph
+    assert all("calibration_batches" not in b for b in trt._builds)  # no implicit calibrator
     flags = [c[1] for c in calls if c[0] == "builder.create_network"]
     assert flags == [1 << 1, 1 << 1]  # STRONGLY_TYPED
 
@@ -271,5 +293,5 @@ def test_a_rerun_in_the_same_run_folder_reuses_its_plans(bundled_run: BundledRun
     for _ in range(2):
         out = build_engines(sources, cfg, tmp_path, tmp_path / "e", backend=backend,
                             trt_module=trt, say=lambda m: None)
-    assert len(trt.builds) == 2 and all(e.cache_hit for e in out.engines)
+    assert len(trt._builds) == 2 and all(e.cache_hit for e in out.engines)
     assert (tmp_path / "engine_cache").is_dir()

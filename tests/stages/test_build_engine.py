@@ -54,4 +54,4 @@ def test_engines_are_built_verified_and_reported_on_the_host(
     assert "## TensorRT engines" in (run_dir / "report.md").read_text()
     assert len(opened) == 2 and all(b.closed and b.live_allocations == 0 for b in opened)
     again = run_pipeline(spec, run_dir)
-    assert "build_engine" in again.skipped and len(trt.builds) == 1
+    assert "build_engine" in again.skipped and len(trt._builds) == 1

@@ -91,8 +91,7 @@ def test_rewritten_calibration_set_reruns_build_engine_and_what_follows(
     manifest = make_manifest(images, 4, 0, tmp_path / "calib.txt")
     stages = ["load", "export_onnx", "build_engine", "verify", "report"]
     d = tiny_pipeline_dict(stages=stages, build_engine={
-        "precision": "int8", "batch_sizes": [1], "calibration": str(tmp_path / "calib.txt"),
-        "calibration_batch_size": 2})
+        "precision": "int8", "batch_sizes": [1], "calibration": str(tmp_path / "calib.txt")})
     spec = load_spec(write_pipeline(tmp_path / "p.yaml", d))
     run_dir = tmp_path / "run"
     assert run_pipeline(spec, run_dir).ran == stages

@@ -137,7 +137,7 @@ def _build(
     if host_mem is None:
         raise BuildError(_build_failure_message(log_lines, settings))
     plan = bytes(host_mem)
-    write_bytes_atomic(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+    _save_timing_cache(config, timing_cache_path, warnings)
 
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan)
@@ -178,12 +178,16 @@ def make_logger(trt: ModuleType, lines: list[str]) -> Any:
 
 
 def _network_flags(trt: ModuleType, names: tuple[str, ...]) -> int:
-    """Bit mask of NetworkDefinitionCreationFlag members; members a version dropped are skipped."""
+    """Bit mask of NetworkDefinitionCreationFlag members.
+
+    Strict: :func:`~xpdeploy.engine.settings.plan_builds` asks only for members the version has
+    (EXPLICIT_BATCH below 10.0, STRONGLY_TYPED on the strong path), so a missing one is our bug
+    and raises AttributeError rather than being skipped. Bit positions come from the version's
+    enum: STRONGLY_TYPED is bit 1 on 10.x and bit 0 (deprecated, ignored) on 11.x.
+    """
     mask = 0
     for name in names:
-        member = getattr(trt.NetworkDefinitionCreationFlag, name, None)
-        if member is not None:
-            mask |= 1 << int(member)
+        mask |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
     return mask
 
 
@@ -267,18 +271,42 @@ def _pin_layernorm(trt: ModuleType, network: Any) -> int:
 
 
 def _load_timing_cache(config: Any, path: Path, warnings: list[str]) -> None:
-    """Attach the timing cache at ``path`` (an empty one if absent or rejected) to ``config``.
+    """Attach the timing cache at ``path`` to ``config``, or a fresh one with a warning.
 
-    ``ignore_mismatch=False``: a cache written on another GPU or TensorRT version is refused by
-    TensorRT rather than trusted, and we start from an empty cache with a warning.
+    A fresh (empty) cache when the file is absent, unreadable, corrupt (TensorRT's
+    ``create_timing_cache`` returns None or raises on a blob it cannot read: a truncated copy, a
+    plan or calibration file given by mistake) or refused (``ignore_mismatch=False``: a cache
+    written on another GPU or TensorRT version is refused rather than trusted). Never fatal: the
+    cache only saves build time, and the build rewrites it.
     """
-    data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, False):
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        warnings.append(f"timing cache {path} could not be read ({exc.strerror or exc}); "
+                        "starting a fresh one")
+        data = b""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+            accepted = cache is not None and bool(config.set_timing_cache(cache, False))
+        except (RuntimeError, TypeError, ValueError):
+            accepted = False
+        if accepted:
+            return
         warnings.append(
-            f"timing cache {path} was rejected (another GPU or TensorRT?); rebuilding it"
+            f"timing cache {path} is corrupt or was written by another GPU or TensorRT; starting "
+            "a fresh one (saved over it after the build)"
         )
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+
+
+def _save_timing_cache(config: Any, path: Path, warnings: list[str]) -> None:
+    """Write the build's timing cache to ``path``; a failure is a warning (the engine is built)."""
+    try:
+        write_bytes_atomic(path, bytes(config.get_timing_cache().serialize()))
+    except OSError as exc:
+        warnings.append(f"timing cache {path} could not be saved ({exc.strerror or exc}); the "
+                        "next build times its tactics again")
 
 
 def _build_failure_message(

@@ -1,7 +1,9 @@
 """Int8 calibration for the weak path: fixed-size batches and TensorRT's implicit calibrators.
 
 TensorRT pulls calibration batches through ``get_batch(names)``, which must return one device
-pointer per network input, each holding exactly ``get_batch_size()`` samples. Copying to the GPU
+pointer per network input, each holding exactly one input of the calibration profile's opt shape
+(the engine's opt shape: TensorRT reads that many bytes whatever ``get_batch_size()`` says), so
+the batch size is the engine's opt batch (:mod:`xpdeploy.engine.engines`). Copying to the GPU
 is the CUDA memory layer's job; this module only needs the tiny :class:`DeviceBuffer` protocol.
 
 Last partial batch: **dropped**, not padded. Padding with zeros would add fake activations to the
@@ -55,7 +57,8 @@ class CalibrationBatches:
         if arr.shape[0] < batch_size:
             raise BuildError(
                 f"calibration set has {arr.shape[0]} samples, fewer than one batch of "
-                f"{batch_size}; add samples or lower the calibration batch size"
+                f"{batch_size} (the int8 engine's opt batch, which TensorRT calibrates at); "
+                "add images to the calibration set or build the int8 engine at a smaller batch"
             )
         self.samples = np.ascontiguousarray(arr, dtype=np.float32)
         self.batch_size = int(batch_size)

@@ -247,7 +247,10 @@ def _one_engine(
     calibrator = None
     if settings.calibrator is not None:
         assert calibration is not None  # checked by build_engines
-        batches = CalibrationBatches(calibration.pixels, cfg.calibration_batch_size)
+        # At the engine's opt batch: TensorRT reads every calibration batch at the calibration
+        # profile's opt shape, the engine's (the spec refuses a calibration_batch_size that
+        # differs from it).
+        batches = CalibrationBatches(calibration.pixels, settings.batch)
         cal_cache = (out_dir / "calibration" /
                      f"{source.label}.{settings.calibrator}.{key.onnx_sha256[:12]}."
                      f"{calibration.manifest_sha256[:12]}.b{batches.batch_size}.cache")

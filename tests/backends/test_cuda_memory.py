@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from xpdeploy.errors import MissingDependencyError
 class CudaErrorT(enum.IntEnum):
     cudaSuccess = 0
     cudaErrorMemoryAllocation = 2
+    cudaErrorNoDevice = 100
 
 
 class CudaMemcpyKind(enum.IntEnum):
@@ -342,7 +344,35 @@ def test_cuda_python_error_becomes_one_line_with_the_error_name() -> None:
             backend.alloc(1 << 40)
         assert backend.live_allocations == 0
     msg = str(info.value)
-    assert msg == "CUDA call cudaMalloc failed: cudaErrorMemoryAllocation (cuda-python)"
+    assert msg.startswith("CUDA call cudaMalloc failed: cudaErrorMemoryAllocation (cuda-python); "
+                          "out of GPU memory: lower the batch size") and "\n" not in msg
+
+
+def test_cuda_python_11_8_missing_driver_is_a_cuda_error_with_the_fix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda-python 11.8 (JetPack 5) raises RuntimeError from the first call when libcuda cannot
+    be loaded, instead of returning an error code."""
+    rt = fake_cudart()
+
+    def no_driver(*_: Any) -> Any:
+        raise RuntimeError("Failed to dlopen libcuda.so\n(more)")
+
+    rt.cudaSetDevice = no_driver  # type: ignore[attr-defined]
+    _install(monkeypatch, cudart=rt, driver=fake_pycuda_driver())
+    with pytest.raises(CudaError) as info:
+        load_backend()  # a CudaError, not "try pycuda": the driver is what is missing
+    msg = str(info.value)
+    assert msg.startswith("CUDA call cudaSetDevice failed: Failed to dlopen libcuda.so "
+                          "(cuda-python); no usable NVIDIA driver") and "\n" not in msg
+    assert "--runtime nvidia" in msg and "nvidia-smi" in msg
+
+
+def test_cuda_python_no_device_error_names_the_fix() -> None:
+    rt = fake_cudart()
+    rt.fail["cudaSetDevice"] = CudaErrorT.cudaErrorNoDevice
+    with pytest.raises(CudaError, match=r"cudaSetDevice failed: cudaErrorNoDevice \(cuda-python\); "
+                                        r"no usable NVIDIA driver"):
+        CudaPythonBackend(rt)
 
 
 def test_device_memory_satisfies_the_calibrator_protocol() -> None:
@@ -430,3 +460,26 @@ def test_device_identity_from_either_binding() -> None:
     pyc = PycudaBackend(fake_pycuda_driver(), device=0)
     assert pyc.device_identity() == ("Orin (nvgpu)", "8.7")
     pyc.close()
+
+
+def test_tensorrt_extras_pin_cuda_python_to_their_cuda_major() -> None:
+    """Each TensorRT extra installs TensorRT and cuda-python of one CUDA major (the hint above
+    tells users to match it), never a cuda-python without an upper bound."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    seen = 0
+    for name in ("tensorrt", "tensorrt-cu13"):
+        reqs = {r.name: r for r in map(Requirement, extras[name])}
+        (trt_name,) = [n for n in reqs if n.startswith("tensorrt-cu")]
+        major = int(trt_name.removeprefix("tensorrt-cu"))
+        allowed = reqs["cuda-python"].specifier
+        assert Version(f"{major}.0") in allowed and Version(f"{major}.99") in allowed
+        assert Version(f"{major + 1}.0") not in allowed
+        assert Version(f"{major - 1}.99") not in allowed
+        seen += 1
+    assert seen == 2

@@ -31,12 +31,24 @@ import numpy as np
 from xpdeploy.errors import MissingDependencyError, XpdeployError
 
 CUDA_INSTALL_HINT = (
-    "install one CUDA Python binding: pip install cuda-python (NVIDIA's recommendation; match "
-    "your CUDA major, e.g. 'cuda-python>=12,<13' for CUDA 12) or pip install pycuda; on Jetson "
-    "use the JetPack image of docker/jetson, or pycuda from the L4T image"
+    "install one CUDA Python binding: pip install cuda-python of your CUDA major (e.g. "
+    "'cuda-python>=12,<13' for CUDA 12; xpdeploy's extras [tensorrt] and [tensorrt-cu13] pin it "
+    "together with TensorRT) or pip install pycuda; on Jetson use the JetPack image of "
+    "docker/jetson, or pycuda from the L4T image"
 )
 
 BACKEND_NAMES = ("cuda-python", "pycuda")
+
+#: What to do about a CUDA error that is not our bug, by the binding's error name.
+_NO_DRIVER = ("no usable NVIDIA driver or GPU here: check nvidia-smi (tegrastats on Jetson), "
+              "CUDA_VISIBLE_DEVICES, and run Docker with --runtime nvidia (Jetson) or --gpus all")
+CUDA_ERROR_FIXES = {
+    "cudaErrorNoDevice": _NO_DRIVER,
+    "cudaErrorInsufficientDriver": "the NVIDIA driver is older than this CUDA runtime: install "
+    "the cuda-python whose major matches the CUDA version nvidia-smi shows, or update the driver",
+    "cudaErrorMemoryAllocation": "out of GPU memory: lower the batch size or "
+    "build_engine.workspace_mb, or stop what else holds the GPU (nvidia-smi)",
+}
 
 
 class CudaError(XpdeployError):
@@ -288,12 +300,22 @@ class CudaPythonBackend(_BackendBase):
 
         Returns the single value after the error code, a tuple of them, or None.
         """
-        res = getattr(self._rt, fn)(*args)
+        try:
+            res = getattr(self._rt, fn)(*args)
+        except (RuntimeError, OSError) as exc:
+            # cuda-python 11.8 (JetPack 5) loads libcuda on the first call and raises
+            # RuntimeError("Failed to dlopen libcuda.so") instead of returning an error code.
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CudaError(f"CUDA call {fn} failed: {detail} (cuda-python); {_NO_DRIVER}"
+                            ) from exc
         if not isinstance(res, tuple):
             res = (res,)
         err, values = res[0], res[1:]
         if err != self._rt.cudaError_t.cudaSuccess:
-            raise CudaError(f"CUDA call {fn} failed: {self._error_name(err)} (cuda-python)")
+            name = self._error_name(err)
+            fix = CUDA_ERROR_FIXES.get(name)
+            raise CudaError(f"CUDA call {fn} failed: {name} (cuda-python)"
+                            + (f"; {fix}" if fix else ""))
         if not values:
             return None
         return values[0] if len(values) == 1 else values

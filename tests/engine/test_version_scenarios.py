@@ -129,6 +129,16 @@ def test_device_run_on_a_bundle(version: str, opset16_bundle: Opset16Bundle, tmp
         assert all("calibration_batches" not in b for b in builds)
         assert [Path(b["onnx"]).name for b in builds] == ["original.fp16.onnx",
                                                          "original.int8.onnx"]
+    # The deprecated API each path relies on (the tables' marks): implicit int8 on weak 10.x,
+    # which the int8 engine's warnings say; nothing on 8.x and on the strong path.
+    deprecated = set(trt._deprecated_uses)
+    v = TrtVersion.parse(version)
+    if is_weak(version) and v.major == 10:
+        assert deprecated == {"IBuilderConfig.set_calibration_profile"}
+    else:
+        assert deprecated == set()
+    int8_warnings = " ".join(engines.engines[1].warnings)
+    assert ("deprecates implicit int8 calibration" in int8_warnings) == bool(deprecated)
     parity = json.loads((tmp_path / "a" / "09_verify" / "parity.json").read_text())
     trt_candidates = [c for c in parity["candidates"] if c["runner"].startswith("trt-")]
     assert {c["name"] for c in trt_candidates} == {"original.fp16-b1.plan",

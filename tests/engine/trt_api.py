@@ -17,7 +17,9 @@ them (``test_trt_api.py`` compares every stand-in's names with its table).
   does); a name the version has but the fake does not implement raises ``NotImplementedError``
   when used, so a test can never pass by touching an unimplemented name silently;
 * module values (``float32``...) are members of the version's ``DataType``; module functions raise
-  ``NotImplementedError``.
+  ``NotImplementedError``;
+* each use of an attribute the table marks deprecated is recorded in
+  ``_deprecated_uses``, so the tests can say which deprecated API each version's path relies on.
 
 TensorRT 8.5 (JetPack 5) has no bindings wheel, so no table: :func:`derive_8_5` takes 8.6.1's
 table and removes what TensorRT 8.6 added to the Python API (the "API Changes For TensorRT 8.6.0
@@ -189,15 +191,48 @@ def _guarded_setattr(allowed: frozenset[str], version: str, owner: str,
     return __setattr__
 
 
+def _recording(impl: type, attr: str, label: str, uses: list[str]) -> Any:
+    """``impl``'s method or property ``attr``, appending ``label`` to ``uses`` on each use."""
+    member = impl.__dict__.get(attr) if attr in impl.__dict__ else getattr(impl, attr)
+    if isinstance(member, property):
+        def fget(obj: Any) -> Any:
+            uses.append(label)
+            return member.fget(obj)  # type: ignore[misc]
+
+        def fset(obj: Any, value: Any) -> None:
+            uses.append(label)
+            member.fset(obj, value)  # type: ignore[misc]
+
+        return property(fget, fset if member.fset else None)
+
+    @functools.wraps(member)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        uses.append(label)
+        return member(self, *args, **kwargs)
+
+    return method
+
+
 def faithful_class(version: str, name: str, entry: Mapping[str, Any], impl: type | None,
-                   severity: type[enum.IntEnum]) -> type:
+                   severity: type[enum.IntEnum], uses: list[str] | None = None) -> type:
     """The class ``name`` of ``version``: ``impl``'s behaviour, exactly the table's names.
-    ``severity``: the module's one ``ILogger.Severity`` enum."""
+    ``severity``: the module's one ``ILogger.Severity`` enum. ``uses`` collects the attributes
+    the table marks deprecated each time one is used ("IBuilderConfig.set_calibration_profile").
+    Class-level marks are not recorded: the tables set them whenever a class docstring mentions
+    a deprecation (8.6.1 marks Builder), so they do not say the class itself is deprecated."""
     attrs = {a: (info or {}).get("sig", "") for a, info in entry["attrs"].items()
              if not a.startswith("__")}
     ns: dict[str, Any] = {"__module__": "tensorrt", "__qualname__": name}
     base = impl if impl is not None else object
+    if impl is not None and uses is not None:
+        for attr, info in entry["attrs"].items():
+            if (info or {}).get("deprecated") and not attr.startswith("__") and hasattr(impl,
+                                                                                      attr):
+                ns[attr] = _recording(impl, attr, f"{name}.{attr}", uses)
+
     for attr, sig in attrs.items():
+        if attr in ns:
+            continue
         if impl is None or not hasattr(impl, attr):
             if attr in SEVERITY:
                 continue  # set below from the Severity enum
@@ -225,6 +260,7 @@ def faithful_module(version: str, impls: Mapping[str, type],
     blocked, see :func:`faithful_class`); an impl for a class the version lacks is dropped. A
     key in ``impls`` that names an enum is an error (enums always come from the table).
     ``extras``: private names (``_`` prefix) the tests read, e.g. the recorded builds.
+    ``mod._deprecated_uses`` lists each use of a name the table marks deprecated.
     """
     table = load_table(version)
     mod = types.ModuleType("tensorrt")
@@ -233,6 +269,7 @@ def faithful_module(version: str, impls: Mapping[str, type],
         if entry["kind"] == "enum":
             enums[name] = enum.IntEnum(name, entry["members"])  # type: ignore[assignment]
             enums[name].__module__ = "tensorrt"
+    uses: list[str] = []
     severity = enum.IntEnum("Severity", SEVERITY)
     severity.__module__ = "tensorrt"
     for name in impls:
@@ -243,13 +280,14 @@ def faithful_module(version: str, impls: Mapping[str, type],
         if kind == "enum":
             value: Any = enums[name]
         elif kind == "class":
-            value = faithful_class(version, name, entry, impls.get(name), severity)
+            value = faithful_class(version, name, entry, impls.get(name), severity, uses)
         elif kind == "DataType":
             value = enums["DataType"][DATATYPE_VALUES[name]]
         else:
             value = _unimplemented(version, "tensorrt", name, f"{name}(")
         setattr(mod, name, value)
     mod.__version__ = version
+    mod._deprecated_uses = uses  # type: ignore[attr-defined]
     for key, value in (extras or {}).items():
         if not key.startswith("_"):
             raise ValueError(f"stand-in extra '{key}' must be private (start with '_')")

@@ -103,6 +103,7 @@ def test_train_and_finetune_on_two_processes(tmp_path: Path) -> None:
     one = subprocess.run([sys.executable, "-m", "xpdeploy", "run", str(pipe), "--run-dir",
                           str(single)], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
+    assert "distributed:" not in one.stdout  # no torchrun: no process group
     assert _files(run_dir) == _files(single)
 
     # The fine-tuned model loads like any other and evaluates to the figure the run recorded.
@@ -116,6 +117,20 @@ def test_train_and_finetune_on_two_processes(tmp_path: Path) -> None:
     top1 = evaluate_top1(net, val, batch_size=64)
     assert top1 == model.top1
     assert top1 > 30.0  # well above chance (10%) after 2 + 2 short epochs
+
+
+def test_one_process_under_torchrun_joins_a_group_of_one(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 1``: the collective stages take their distributed path with
+    one rank (how a one-GPU machine checks NCCL, bench/gpu_check.sh); a plain process joins
+    none (the two-process test's single run prints no "distributed:" line)."""
+    pipe = two_process_pipeline(tmp_path)
+    run_dir = tmp_path / "one"
+    proc = _torchrun(pipe, run_dir, 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "distributed: 1 processes, backend gloo" in proc.stdout
+    assert sum(line.startswith("PASSED | tiny |") for line in proc.stdout.splitlines()) == 1
+    recipe = json.loads((run_dir / "02_train" / "recipe.json").read_text())
+    assert recipe["processes"] == 1 and recipe["global_batch"] == 32
 
 
 def test_a_bad_input_stops_every_rank_with_one_error_line(tmp_path: Path) -> None:

@@ -98,17 +98,24 @@ def rank() -> int:
     return _current.rank if _current else 0
 
 
+def launched_by_torchrun() -> bool:
+    """True in a process torchrun started (it sets TORCHELASTIC_RUN_ID, ``--standalone`` too)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
 def init_from_env() -> DistInfo | None:
-    """Join the process group torchrun describes; None (and nothing done) for a single process.
+    """Join the process group torchrun describes; None (and nothing done) for a plain process.
 
     GPUs present: NCCL, one GPU per process (``LOCAL_RANK``). Otherwise gloo on CPU, which is what
-    the tests use. Idempotent.
+    the tests use. ``torchrun --nproc_per_node 1`` joins a group of one: the collective stages
+    then take the same path (DDP, broadcasts, NCCL on a GPU) as with N processes, which is how a
+    one-GPU machine checks it. Idempotent.
     """
     global _current
     if _current is not None:
         return _current
     world = env_world_size()
-    if world <= 1:
+    if world <= 1 and not launched_by_torchrun():
         return None
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:

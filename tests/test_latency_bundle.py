@@ -220,7 +220,13 @@ def test_the_host_plans_with_the_device_table(measured: Measured, tmp_path: Path
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     assert measured.device.returncode == 0, measured.device.stderr[-2000:]
     table = LatencyModel.read(measured.table())
-    target = (table.smallest_ms + table.original_ms) / 2
+    # Halfway between the plans the planner can choose, by the table's own prediction: the
+    # measured smallest model can read below its prediction when the stand-in's sleeps are
+    # noisy (a loaded machine), and a target between the measured figures was then refused.
+    blocks = table.blocks
+    cheapest = table.predict([1] * blocks, [STEP] * blocks)
+    full = min(table.predict([HEADS] * blocks, [MLP] * blocks), table.original_ms)
+    target = (cheapest + full) / 2  # (a target at or above the original is refused)
     monkeypatch.chdir(tmp_path)
     shutil.copy(measured.table(), tmp_path / "table.json")  # "copy it to the host"
     argv = shlex.split(measured.plan_cmd)

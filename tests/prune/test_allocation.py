@@ -134,5 +134,8 @@ def test_a_latency_budget_below_every_option_is_one_clear_error() -> None:
     from xpdeploy.prune.allocation import LatencyTarget
 
     table = small_table()
-    with pytest.raises(PruneError, match=r"no per-block budget fits 0.4 ms"):
+    with pytest.raises(PruneError, match=r"no per-block budget fits 0.4 ms") as info:
         solve_budgets(_curves(0), MACS, LatencyTarget(table, 0.4), ROUND8)
+    cheapest = table.fixed_ms + sum(min(table.cost(b, h, m) for h, m in table.options(b))
+                                    for b in range(table.blocks))
+    assert f"the cheapest plan they allow is predicted at {cheapest:.4g} ms" in str(info.value)

@@ -103,8 +103,10 @@ def _solve_latency(curves: SensitivityCurves, macs: MacModel, target: LatencyTar
                              [table.cost(b, h, m) for h, m in options]))
     chosen, loss = _solve_groups(groups, -np.inf, target.target_ms - table.fixed_ms)
     if chosen is None:
+        cheapest = table.fixed_ms + sum(min(g.costs) for g in groups if g.costs)
         raise PruneError(f"no per-block budget fits {target.target_ms:.4g} ms under the prune "
-                         "constraints; raise the target or lower the floors")
+                         f"constraints: the cheapest plan they allow is predicted at "
+                         f"{cheapest:.4g} ms; raise the target or lower the floors")
     picks = [g.options[i] for g, i in zip(groups, chosen, strict=True)]
     return Budgets(heads=[h for h, _ in picks], mlp=[m for _, m in picks], predicted_loss=loss)
 

@@ -129,6 +129,26 @@ def test_a_latency_budget_is_spent_optimally_and_never_exceeded(seed: int, share
                for b, (h, m) in enumerate(zip(got.heads, got.mlp, strict=True)))
 
 
+@pytest.mark.parametrize("share", [0.3, 0.7])
+def test_a_noisy_table_with_negative_block_costs_is_still_planned_exactly(share: float) -> None:
+    """Timed under load, a table can calibrate to negative block costs and a fixed part above
+    the target (seen in the latency-bundle test: fixed part over 6.5 ms, cheapest plan 4.1 ms);
+    the budget left after the fixed part is then <= 0 and must still be met, not refused."""
+    from tests.latency.tables import small_table
+    from xpdeploy.prune.allocation import LatencyTarget
+
+    table = small_table().model_copy(update={"fixed_ms": 9.0, "scale": 1.0,
+                                             "per_block_ms": -2.0})
+    curves = _curves(1)
+    smallest, full = table.predict([1] * 3, [8] * 3), table.predict([3] * 3, [32] * 3)
+    target = smallest + share * (full - smallest)
+    assert target < table.fixed_ms  # what the solver used to refuse outright
+    got = solve_budgets(curves, MACS, LatencyTarget(table, target), ROUND8)
+    loss, _ = _latency_brute_force(curves, table, target, ROUND8)
+    assert got.predicted_loss == pytest.approx(loss, abs=1e-9)
+    assert table.predict(got.heads, got.mlp) <= target
+
+
 def test_a_latency_budget_below_every_option_is_one_clear_error() -> None:
     from tests.latency.tables import small_table
     from xpdeploy.prune.allocation import LatencyTarget

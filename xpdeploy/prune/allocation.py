@@ -134,14 +134,16 @@ def _solve_groups(groups: list[_Group], low: float, high: float
     for i, n in enumerate(sizes):
         one_each[i, start:start + n] = 1.0
         start += n
-    if high <= 0:
-        return None, 0.0
-    scale = 1.0 / high  # the cost row in units of the budget: well-conditioned for the solver
+    # The cost row in units of the budget, well-conditioned for the solver. Not 1 / high alone:
+    # a latency budget left after the fixed part can be <= 0 while calibrated block costs are
+    # negative (a noisy table), and such a budget can still be met.
+    scale = 1.0 / max(abs(high), float(np.abs(cost).max(initial=0.0)), 1e-12)
     chosen = None
     for lower in dict.fromkeys((low, -np.inf)):  # the band; else the upper bound only
         res = milp(loss, integrality=np.ones(loss.size), bounds=Bounds(0, 1),
                    constraints=[LinearConstraint(one_each, 1, 1),
-                                LinearConstraint(cost[None, :] * scale, lower * scale, 1.0)],
+                                LinearConstraint(cost[None, :] * scale, lower * scale,
+                                                 high * scale)],
                    options={"mip_rel_gap": 0.0, "presolve": True})
         if res.status == 0 and res.x is not None:
             chosen = np.round(res.x).astype(bool)

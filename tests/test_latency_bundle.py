@@ -221,9 +221,10 @@ def test_the_host_plans_with_the_device_table(measured: Measured, tmp_path: Path
     assert measured.device.returncode == 0, measured.device.stderr[-2000:]
     table = LatencyModel.read(measured.table())
     # Halfway between the plans the planner can choose, by the table's own prediction (what the
-    # planner compares with). Under load the stand-in's sleeps calibrate to noisy tables, even
-    # to negative block costs below a fixed part above the target, which the solver once
-    # refused (tests/prune/test_allocation.py, the noisy-table test).
+    # planner compares with). The calibration predicts the original and the smallest model
+    # exactly, so this target is exactly the cost of one block full and one smallest: the
+    # solver's edge case that once made this test flaky (tests/prune/test_allocation.py, the
+    # rounding-error test).
     blocks = table.blocks
     cheapest = table.predict([1] * blocks, [STEP] * blocks)
     full = min(table.predict([HEADS] * blocks, [MLP] * blocks), table.original_ms)

@@ -101,7 +101,9 @@ def _solve_latency(curves: SensitivityCurves, macs: MacModel, target: LatencyTar
         groups.append(_Group(options, [curves.heads[b].at(h) + curves.neurons[b].at(m)
                                        for h, m in options],
                              [table.cost(b, h, m) for h, m in options]))
-    chosen, loss = _solve_groups(groups, -np.inf, target.target_ms - table.fixed_ms)
+    # 1e-9 ms below the budget: table.predict sums fixed + costs in another order, and the plan
+    # it predicts must not read one rounding error above the target.
+    chosen, loss = _solve_groups(groups, -np.inf, target.target_ms - table.fixed_ms - 1e-9)
     if chosen is None:
         cheapest = table.fixed_ms + sum(min(g.costs) for g in groups if g.costs)
         raise PruneError(f"no per-block budget fits {target.target_ms:.4g} ms under the prune "
@@ -137,19 +139,37 @@ def _solve_groups(groups: list[_Group], low: float, high: float
     # The cost row in units of the budget, well-conditioned for the solver. Not 1 / high alone:
     # a latency budget left after the fixed part can be <= 0 while calibrated block costs are
     # negative (a noisy table), and such a budget can still be met.
-    scale = 1.0 / max(abs(high), float(np.abs(cost).max(initial=0.0)), 1e-12)
-    chosen = None
-    for lower in dict.fromkeys((low, -np.inf)):  # the band; else the upper bound only
+    norm = max(abs(high), float(np.abs(cost).max(initial=0.0)), 1e-12)
+    scale = 1.0 / norm
+
+    def solve(lower: float, upper: float) -> np.ndarray | None:
         res = milp(loss, integrality=np.ones(loss.size), bounds=Bounds(0, 1),
                    constraints=[LinearConstraint(one_each, 1, 1),
                                 LinearConstraint(cost[None, :] * scale, lower * scale,
-                                                 high * scale)],
+                                                 upper * scale)],
                    options={"mip_rel_gap": 0.0, "presolve": True})
-        if res.status == 0 and res.x is not None:
-            chosen = np.round(res.x).astype(bool)
-            if float(cost[chosen].sum()) <= high:  # exact check: solver tolerances are relative
+        return np.round(res.x).astype(bool) if res.status == 0 and res.x is not None else None
+
+    chosen = None
+    for lower in dict.fromkeys((low, -np.inf)):  # the band; else the upper bound only
+        # The solver accepts a constraint met within its feasibility tolerance (about 1e-7 of
+        # the scaled row), so its optimum can exceed the budget by that much, or by one rounding
+        # error when a plan costs exactly the budget. The exact check refuses such a plan:
+        # tighten the bound past the tolerance and solve again, rather than report that nothing
+        # fits. (HiGHS can also fail to solve with a bound within ~1e-6 of such a plan, so the
+        # steps are 1e-5 and 1e-4 of the budget's scale; a plan that close to the budget is
+        # given up for the next best.)
+        for margin in (0.0, 1e-5, 1e-4):
+            x = solve(lower, high - margin * norm)
+            if x is None:
+                if margin == 0.0:
+                    break  # nothing fits the budget itself
+                continue
+            if float(cost[x].sum()) <= high:
+                chosen = x
                 break
-            chosen = None
+        if chosen is not None:
+            break
     if chosen is None:
         return None, 0.0
     picks, start = [], 0

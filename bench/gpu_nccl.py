@@ -42,31 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 PROBE_PREFIX = "gpu_nccl probe: "
 
 
-def pipeline_dict() -> dict[str, Any]:
-    """The pipeline of tests/test_torchrun.py's ``two_process_pipeline`` (a test keeps the two
-    equal), built here from tests/conftest.py's tiny pipeline because importing the test module
-    imports torch and half of xpdeploy: 5 of the part's seconds on 2 cores."""
-    from tests.conftest import tiny_pipeline_dict
-
-    d = tiny_pipeline_dict(
-        stages=["load", "train", "prune", "finetune", "export_onnx", "verify", "report"],
-        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
-        finetune={"epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0,
-                  "distill": "soft", "threads": 1},
-        verify={"batch_sizes": [1], "warmup": 1, "iters": 3,
-                "pruned_gates": {"max_top1_drop": None, "min_agreement": None,
-                                 "max_abs_diff": None, "min_cosine": None}},
-    )
-    d["train"].update({"epochs": 2, "batch_size": 32, "threads": 1})
-    return d
-
-
 def write_pipeline(folder: Path) -> Path:
-    """``folder/p.yaml``: :func:`pipeline_dict` as YAML."""
+    """``folder/p.yaml``: the torchrun test's pipeline (tests/conftest.py), as YAML."""
+    from tests.conftest import torchrun_pipeline_dict
     from tests.conftest import write_pipeline as write_yaml
 
     folder.mkdir(parents=True, exist_ok=True)
-    return write_yaml(folder / "p.yaml", pipeline_dict())
+    return write_yaml(folder / "p.yaml", torchrun_pipeline_dict())
 
 
 def backend_for(cuda: bool) -> str:

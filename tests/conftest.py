@@ -73,6 +73,23 @@ def tiny_pipeline_dict(**sections: Any) -> dict[str, Any]:
     return spec
 
 
+def torchrun_pipeline_dict() -> dict[str, Any]:
+    """The pipeline of tests/test_torchrun.py's multi-process runs (train, prune, finetune; 2 + 2
+    epochs), also run by bench/torchrun_exit.py and bench/gpu_check.sh's NCCL part, which import
+    it from here because the test module imports torch and half of xpdeploy."""
+    d = tiny_pipeline_dict(
+        stages=["load", "train", "prune", "finetune", "export_onnx", "verify", "report"],
+        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
+        finetune={"epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0,
+                  "distill": "soft", "threads": 1},
+        verify={"batch_sizes": [1], "warmup": 1, "iters": 3,
+                "pruned_gates": {"max_top1_drop": None, "min_agreement": None,
+                                 "max_abs_diff": None, "min_cosine": None}},
+    )
+    d["train"].update({"epochs": 2, "batch_size": 32, "threads": 1})
+    return d
+
+
 def write_pipeline(path: Path, spec: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

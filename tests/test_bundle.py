@@ -8,6 +8,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,23 +60,28 @@ def _calibration_images(root: Path) -> Path:
     return root
 
 
+def bundle_tiny_run(tmp: Path, calibration_images: int, **sections: Any
+                    ) -> tuple[Path, Path, Path, BundleManifest]:
+    """Run the tiny pipeline with ``sections`` and an int8 ``precision: best`` calibration set
+    of ``calibration_images`` images under ``tmp``, and bundle it: (run folder, bundle tar,
+    calibration image folder, bundle manifest)."""
+    images = _calibration_images(tmp / "images")
+    make_manifest(images, calibration_images, 0, tmp / "calib.txt")
+    spec_dict = tiny_pipeline_dict(
+        build_engine={"precision": "best", "calibration": str(tmp / "calib.txt")}, **sections)
+    run_dir = tmp / "run"
+    result = run_pipeline(load_spec(write_pipeline(tmp / "p.yaml", spec_dict)), run_dir)
+    assert result.report is not None
+    return run_dir, tmp / "run.tar", images, make_bundle(run_dir, tmp / "run.tar")
+
+
 @pytest.fixture(scope="session")
 def bundled_run(tmp_path_factory: pytest.TempPathFactory) -> BundledRun:
     """Run the tiny pipeline with pruning and an int8 calibration set once, and bundle it."""
-    tmp = tmp_path_factory.mktemp("bundle")
-    images = _calibration_images(tmp / "images")
-    make_manifest(images, 4, 0, tmp / "calib.txt")
-    spec_dict = tiny_pipeline_dict(
-        stages=STAGES,
-        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
-        build_engine={"precision": "best", "calibration": str(tmp / "calib.txt")},
-    )
-    run_dir = tmp / "run"
-    result = run_pipeline(load_spec(write_pipeline(tmp / "p.yaml", spec_dict)), run_dir)
-    manifest = make_bundle(run_dir, tmp / "run.tar")
-    assert result.report is not None
-    return BundledRun(run_dir, tmp / "run.tar", images, manifest,
-                      manifest.reference.top1["original"])
+    run_dir, tar, images, manifest = bundle_tiny_run(
+        tmp_path_factory.mktemp("bundle"), 4, stages=STAGES,
+        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"})
+    return BundledRun(run_dir, tar, images, manifest, manifest.reference.top1["original"])
 
 
 def source_models(manifest: BundleManifest) -> dict[str, TorchModel]:

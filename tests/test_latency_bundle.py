@@ -29,6 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import tiny_pipeline_dict, write_pipeline
+from tests.engine.trt_api import TABLE_VERSIONS
 from tests.test_torch_free import _BLOCK
 from xpdeploy.bundle import (
     BUNDLE_JSON,
@@ -315,8 +316,7 @@ def test_the_bundle_header_comes_first(measured: Measured) -> None:
     assert bundle_header(measured.tar).pipeline == "tiny"
 
 
-@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.1", "10.3.0", "10.11.0.33", "10.12.0.36",
-                                     "10.13.0.35", "11.4.0.106"])
+@pytest.mark.parametrize("version", TABLE_VERSIONS)
 def test_the_tensorrt_opener_shares_one_backend_and_reuses_plans(
         measured: Measured, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         version: str) -> None:

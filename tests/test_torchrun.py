@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_at_mid_epoch_checkpoint, tiny_pipeline_dict, write_pipeline
+from tests.conftest import (
+    kill_at_mid_epoch_checkpoint,
+    tiny_pipeline_dict,
+    torchrun_pipeline_dict,
+    write_pipeline,
+)
 from tests.distributed_utils import launch_ranks
 from xpdeploy.data.sources import open_split
 from xpdeploy.fileio import sha256_file
@@ -28,17 +33,7 @@ from xpdeploy.training.evaluate import evaluate_top1
 
 def two_process_pipeline(tmp_path: Path) -> Path:
     """The pipeline of the two-process test (also looped by bench/torchrun_exit.py)."""
-    d = tiny_pipeline_dict(
-        stages=["load", "train", "prune", "finetune", "export_onnx", "verify", "report"],
-        prune={"criterion": "magnitude", "target_ratio": 0.6, "ranking": "global"},
-        finetune={"epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0,
-                  "distill": "soft", "threads": 1},
-        verify={"batch_sizes": [1], "warmup": 1, "iters": 3,
-                "pruned_gates": {"max_top1_drop": None, "min_agreement": None,
-                                 "max_abs_diff": None, "min_cosine": None}},
-    )
-    d["train"].update({"epochs": 2, "batch_size": 32, "threads": 1})
-    return write_pipeline(tmp_path / "p.yaml", d)
+    return write_pipeline(tmp_path / "p.yaml", torchrun_pipeline_dict())
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

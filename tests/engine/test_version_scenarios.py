@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import tiny_pipeline_dict, write_pipeline
 from tests.engine.fake_trt import FakeLayer, Scenario, make_fake_trt
 from tests.engine.ort_backed_trt import (
     DeviceMemoryBackend,
@@ -28,20 +27,17 @@ from tests.engine.ort_backed_trt import (
     make_ort_backed_trt,
 )
 from tests.engine.trt_api import TABLE_VERSIONS
-from tests.test_bundle import _calibration_images
+from tests.test_bundle import bundle_tiny_run
 from xpdeploy.artifacts import EngineSet
 from xpdeploy.backends.trt_runner import TrtRunner
 from xpdeploy.backends.trt_versions import TrtVersion
-from xpdeploy.bundle import make_bundle
 from xpdeploy.cli import cli
-from xpdeploy.data.calibration import make_manifest
 from xpdeploy.engine import settings as settings_module
 from xpdeploy.engine.builder import build_engine
 from xpdeploy.engine.calibrator import CalibrationBatches, make_calibrator
 from xpdeploy.engine.engines import EngineSource, build_engines
 from xpdeploy.engine.settings import plan_builds
-from xpdeploy.pipeline import run_pipeline
-from xpdeploy.spec import BuildEngineConfig, load_spec
+from xpdeploy.spec import BuildEngineConfig
 
 pytestmark = pytest.mark.slow
 
@@ -80,19 +76,11 @@ class Opset16Bundle:
 
 @pytest.fixture(scope="module")
 def opset16_bundle(tmp_path_factory: pytest.TempPathFactory) -> Opset16Bundle:
-    tmp = tmp_path_factory.mktemp("opset16")
-    images = _calibration_images(tmp / "images")
-    make_manifest(images, 6, 0, tmp / "calib.txt")
-    d = tiny_pipeline_dict(
-        stages=["load", "export_onnx", "simplify", "verify", "report"],
-        export_onnx={"opset": 16},
-        build_engine={"precision": "best", "calibration": str(tmp / "calib.txt")},
-        verify={"batch_sizes": [1], "warmup": 1, "iters": 2, "rounds": 1},
-    )
-    run_dir = tmp / "run"
-    run_pipeline(load_spec(write_pipeline(tmp / "p.yaml", d)), run_dir)
-    make_bundle(run_dir, tmp / "run.tar")
-    return Opset16Bundle(tmp / "run.tar", 6)
+    _, tar, _, _ = bundle_tiny_run(
+        tmp_path_factory.mktemp("opset16"), 6,
+        stages=["load", "export_onnx", "simplify", "verify", "report"], export_onnx={"opset": 16},
+        verify={"batch_sizes": [1], "warmup": 1, "iters": 2, "rounds": 1})
+    return Opset16Bundle(tar, 6)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -193,7 +193,7 @@ def _guarded_setattr(allowed: frozenset[str], version: str, owner: str,
 
 def _recording(impl: type, attr: str, label: str, uses: list[str]) -> Any:
     """``impl``'s method or property ``attr``, appending ``label`` to ``uses`` on each use."""
-    member = impl.__dict__.get(attr) if attr in impl.__dict__ else getattr(impl, attr)
+    member = getattr(impl, attr)  # on the class: a property object, or the plain function
     if isinstance(member, property):
         def fget(obj: Any) -> Any:
             uses.append(label)

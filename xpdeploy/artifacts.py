@@ -235,6 +235,9 @@ class LatencyStats(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch: int
+    p10: float | None = Field(
+        None, description="10th percentile over every timed call, ms per batch: the low end of "
+        "the spread (with p90); None in results written before it was recorded")
     p50: float
     p90: float
     p99: float

@@ -47,13 +47,13 @@ def test_failed_report_shows_verdict_numbers_and_failed_gate() -> None:
     assert parity[3].endswith("| **FAIL**: min_agreement |")
     latency = table_rows(md, "| candidate | batch |")
     assert latency[0] == (
-        "| candidate | batch | p50 | p90 | p99 | img/s | baseline | baseline p50 | speedup |"
+        "| candidate | batch | p10 | p50 | p90 | p99 | img/s | baseline | baseline p50 | speedup |"
     )
     assert latency[2] == (
-        "| pruned | 1 | 2.00 | 2.20 | 2.60 | 500 | original | 3.60 | 1.80x +-3% |"
+        "| pruned | 1 | 1.80 | 2.00 | 2.20 | 2.60 | 500 | original | 3.60 | 1.80x +-3% |"
     )
     assert latency[3] == (
-        "| pruned | 32 | 30.0 | 33.0 | 39.0 | 1067 | original | 54.0 | 1.80x +-2% |"
+        "| pruned | 32 | 27.0 | 30.0 | 33.0 | 39.0 | 1067 | original | 54.0 | 1.80x +-2% |"
     )
     assert latency[4].endswith("| original | 3.50 | **2.33x +-14% (unstable)** |")
     assert latency[5].endswith("| original | 52.0 | 2.60x +-5% |")
@@ -248,6 +248,18 @@ def test_a_report_without_spreads_shows_bare_speedups() -> None:
     latency = table_rows(render_markdown(r), "| candidate | batch |")
     assert latency[2].endswith("| 3.60 | 1.80x |") and latency[4].endswith("| 3.50 | 2.33x |")
     assert "unstable" not in "".join(latency)
+
+
+def test_a_report_without_p10_shows_na() -> None:
+    """Reports written before p10 was recorded have no p10 key in their latency rows."""
+    r = report()
+    for c in r["candidates"]:
+        for row in c["latency_ms"] + c["baseline_latency_ms"]:
+            del row["p10"]
+    latency = table_rows(render_markdown(r), "| candidate | batch |")
+    assert latency[2] == (
+        "| pruned | 1 | n/a | 2.00 | 2.20 | 2.60 | 500 | original | 3.60 | 1.80x +-3% |"
+    )
 
 
 def test_speedup_cells() -> None:

@@ -60,7 +60,9 @@ def test_structure() -> None:
     assert c["top1"] == 72.1 and c["top1_delta"] == pytest.approx(-0.4)
     assert c["agreement"] == 0.9961 and c["max_abs_diff"] == 1.2e-4 and c["passed"] is True
     assert [row["batch"] for row in c["latency_ms"]] == [1, 32]
-    assert set(c["latency_ms"][0]) == {"batch", "p50", "p90", "p99", "mean", "iters", "throughput"}
+    assert set(c["latency_ms"][0]) == {"batch", "p10", "p50", "p90", "p99", "mean", "iters",
+                                       "throughput"}
+    assert c["latency_ms"][0]["p10"] == pytest.approx(1.8)
     assert c["latency_ms"][0]["p50"] == 2.0 and c["baseline_latency_ms"][0]["p50"] == 3.6
     assert c["speedup"] == {"1": pytest.approx(1.8), "32": pytest.approx(1.8)}
     assert c["speedup_spread"] == {"1": 0.03, "32": 0.02} and c["unstable"] == []
@@ -177,3 +179,32 @@ def test_reports_without_spreads_still_validate() -> None:
         del c["speedup_spread"], c["unstable"]
     validate_report(r)
     assert r["schema_version"] == 1
+
+
+def test_reports_without_p10_still_validate() -> None:
+    """p10 is additive: a report written before it stays valid; a null one too; not a string."""
+    r = report()
+    for c in r["candidates"]:
+        for row in c["latency_ms"] + c["baseline_latency_ms"]:
+            del row["p10"]
+    validate_report(r)
+    r = report()
+    r["candidates"][0]["baseline_latency_ms"][1]["p10"] = None
+    validate_report(r)
+    r["candidates"][0]["baseline_latency_ms"][1]["p10"] = "fast"
+    with pytest.raises(ValueError, match=r"baseline_latency_ms\[1\]\.p10: expected a number"):
+        validate_report(r)
+
+
+def test_results_without_p10_give_a_null_p10() -> None:
+    """A parity.json written before p10 parses (p10 None) and reports it as null."""
+    parity = make_parity()
+    data = parity.model_dump(mode="json")
+    for c in data["candidates"]:
+        for row in c["latency_ms"] + c["baseline_latency_ms"]:
+            del row["p10"]
+    old = type(parity).model_validate(data)
+    r = build_report(old, pipeline="quickstart", run_dir="runs/quickstart", status="failed",
+                     title=None, environment={})
+    assert r["candidates"][0]["latency_ms"][0]["p10"] is None
+    validate_report(r)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.verify.fake_clock import FakeClock
+from xpdeploy.artifacts import LatencyStats
 from xpdeploy.backends.runner import Runner
 from xpdeploy.verify.latency import (
     RatioEstimate,
@@ -46,11 +47,21 @@ def test_latency_stats_on_known_list() -> None:
     times = [float(v) for v in range(1, 11)]  # 1..10 ms
     s = latency_stats(times, batch=4)
     assert s.batch == 4 and s.iters == 10
+    assert s.p10 == pytest.approx(1.9)  # numpy linear interpolation: 1 + 0.1 * 9
     assert s.p50 == pytest.approx(5.5)
     assert s.p90 == pytest.approx(9.1)  # numpy linear interpolation
     assert s.p99 == pytest.approx(9.91)
     assert s.mean == pytest.approx(5.5)
     assert s.throughput == pytest.approx(4 / 5.5 * 1000)
+
+
+def test_latency_stats_without_p10_parse() -> None:
+    """Results written before p10 was recorded still load, with p10 None."""
+    old = '{"batch": 1, "p50": 2.0, "p90": 2.2, "p99": 2.6, "mean": 2.1, "iters": 30, ' \
+          '"throughput": 500.0}'
+    s = LatencyStats.model_validate_json(old)
+    assert s.p10 is None and s.p50 == 2.0
+    assert LatencyStats.model_validate_json(s.model_dump_json()) == s
 
 
 def test_latency_stats_rejects_bad_input() -> None:

@@ -256,9 +256,11 @@ def _finetune_line(ft: dict[str, Any] | None) -> list[str]:
 
 
 def _latency_table(report: dict[str, Any]) -> list[str]:
-    cols = ["candidate", "batch", "p50", "p90", "p99", "img/s", "baseline", "baseline p50",
+    """A row per (candidate, batch): its p10/p50/p90/p99 (p10 n/a in reports written before it
+    was recorded), img/s, the baseline it was timed against with that baseline's p50, speedup."""
+    cols = ["candidate", "batch", "p10", "p50", "p90", "p99", "img/s", "baseline", "baseline p50",
             "speedup"]
-    lines = _header(cols, "lrrrrrlrr")
+    lines = _header(cols, "lrrrrrrlrr")
     for c in report["candidates"]:
         base = {row["batch"]: row for row in c["baseline_latency_ms"]}
         for row in c["latency_ms"]:
@@ -268,6 +270,7 @@ def _latency_table(report: dict[str, Any]) -> list[str]:
                     [
                         c["name"],
                         b,
+                        fmt_ms(row.get("p10")),  # absent from reports written before p10
                         fmt_ms(row["p50"]),
                         fmt_ms(row["p90"]),
                         fmt_ms(row["p99"]),

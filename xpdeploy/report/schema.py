@@ -8,7 +8,8 @@ multiply-accumulates per image, ``params_m`` in millions. Non-finite numbers (a 
 infinite speedup from a zero median) are written as ``null`` so the file stays strict JSON.
 Optional candidate keys (absent from older reports): ``speedup_spread`` (batch -> half the range of
 the rounds' speedups over the speedup, a fraction) and ``unstable`` (batch sizes whose spread
-exceeded ``verify.max_spread``).
+exceeded ``verify.max_spread``). Optional latency key ``p10`` (the 10th percentile, ms per batch;
+absent from older reports, ``null`` where the run's results predate it).
 
 Optional top-level key ``latency_budget`` (absent from reports of runs without
 ``prune.target_latency_ms``, and from older reports): the budget, what the latency table predicted,
@@ -77,6 +78,8 @@ CANDIDATE_KEYS = (
     "passed",
 )
 LATENCY_KEYS = ("batch", "p50", "p90", "p99", "mean", "iters", "throughput")
+LATENCY_OPTIONAL_KEYS = ("p10",)
+"""Latency keys written by this version but absent from older reports (validated when present)."""
 GATE_KEYS = ("name", "value", "limit", "passed", "detail")
 LATENCY_BUDGET_KEYS = ("target_ms", "predicted_ms", "original_ms", "runtime", "precision", "batch",
                        "threads", "measured", "passed", "table")
@@ -105,7 +108,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _latency(rows: list[LatencyStats]) -> list[dict[str, Any]]:
-    return [{k: getattr(s, k) for k in LATENCY_KEYS} for s in sorted(rows, key=lambda s: s.batch)]
+    keys = LATENCY_KEYS + LATENCY_OPTIONAL_KEYS
+    return [{k: getattr(s, k) for k in keys} for s in sorted(rows, key=lambda s: s.batch)]
 
 
 def _candidate(c: CandidateResult, synthetic: bool) -> dict[str, Any]:
@@ -345,6 +349,10 @@ def validate_report(d: dict[str, Any]) -> None:
         for key in ("latency_ms", "baseline_latency_ms"):
             for j, row in enumerate(_require_list(c, key, where)):
                 _require(row, LATENCY_KEYS, f"{where}.{key}[{j}]")
+                p10 = row.get("p10")
+                if p10 is not None and (isinstance(p10, bool) or not isinstance(p10, int | float)):
+                    raise ValueError(f"{where}.{key}[{j}].p10: expected a number or null, got "
+                                     f"{type(p10).__name__}")
         if not isinstance(c["speedup"], Mapping):
             raise ValueError(f"{where}.speedup: expected an object of batch -> ratio")
         for j, g in enumerate(_require_list(c, "gates", where)):

@@ -28,7 +28,8 @@ Clock = Callable[[], float]
 
 
 def latency_stats(times_ms: Sequence[float] | np.ndarray, batch: int) -> LatencyStats:
-    """Summarise per-call times (ms per batch of ``batch`` images) as p50/p90/p99/mean and img/s.
+    """Summarise per-call times (ms per batch of ``batch`` images) as p10/p50/p90/p99/mean and
+    img/s.
 
     Percentiles use numpy's default linear interpolation. A zero median (only possible with a fake
     clock) gives an infinite throughput rather than a division error.
@@ -40,10 +41,11 @@ def latency_stats(times_ms: Sequence[float] | np.ndarray, batch: int) -> Latency
         raise ValueError(f"latency_stats: batch must be positive, got {batch}")
     if not np.all(np.isfinite(t)) or np.any(t < 0):
         raise ValueError("latency_stats: times must be finite and non-negative milliseconds")
-    p50, p90, p99 = (float(v) for v in np.percentile(t, [50, 90, 99]))
+    p10, p50, p90, p99 = (float(v) for v in np.percentile(t, [10, 50, 90, 99]))
     throughput = batch / p50 * 1000.0 if p50 > 0 else float("inf")
     return LatencyStats(
         batch=batch,
+        p10=p10,
         p50=p50,
         p90=p90,
         p99=p99,
@@ -140,7 +142,7 @@ class RoundTimes:
     times: tuple[tuple[tuple[float, ...], ...], ...]  # [runner][round][call]
 
     def stats(self, runner: int) -> LatencyStats:
-        """p50/p90/p99 over every timed call of ``runner`` (all rounds)."""
+        """p10/p50/p90/p99 over every timed call of ``runner`` (all rounds)."""
         return latency_stats([t for rnd in self.times[runner] for t in rnd], self.batch)
 
     def medians(self, runner: int) -> list[float]:

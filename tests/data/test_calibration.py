@@ -19,6 +19,7 @@ from xpdeploy.data.calibration import (
     PreprocessMismatchWarning,
     load_array,
     load_batches,
+    load_images,
     load_npz,
     make_manifest,
     preprocess_mismatch,
@@ -182,9 +183,11 @@ def test_load_array_matches_preprocess_image(image_dir: Path, tmp_path: Path) ->
     batches = list(load_batches(manifest, image_dir, CFG, batch_size=2))
     assert [len(b) for b in batches] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(batches), pixels)
-    save_npz(tmp_path / "calib.npz", pixels, manifest)
+    images = load_images(manifest, image_dir, CFG)
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    save_npz(tmp_path / "calib.npz", images, manifest, CFG)
     back = load_npz(tmp_path / "calib.npz", manifest)
-    np.testing.assert_array_equal(back.pixels, pixels)
+    assert back.pixels.tobytes() == pixels.tobytes()  # the float32 preprocess_image gives
     assert back.files == [e.path for e in manifest.entries]
     other = _make(image_dir, tmp_path, count=5, seed=3, name="o.txt")
     with pytest.raises(DataError, match="made from another manifest"):

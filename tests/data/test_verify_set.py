@@ -7,61 +7,95 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xpdeploy.data.image_set import holds_float32
+from xpdeploy.data.npz import write_npz
+from xpdeploy.data.preprocess import normalize
 from xpdeploy.data.verify_set import load_verify_set, save_verify_set, select_indices
 from xpdeploy.errors import DataError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _batch(n: int = 5) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    return rng.standard_normal((n, 3, 4, 4)).astype(np.float32), np.arange(n, dtype=np.int64) % 3
+    images = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    return images, np.arange(n, dtype=np.int64) % 3
+
+
+def _save(path: Path, images: np.ndarray, labels: np.ndarray, **kw: object) -> None:
+    meta = {"source": "s", "synthetic": False, "class_names": [], **kw}
+    save_verify_set(path, images, labels, mean=MEAN, std=STD, **meta)  # type: ignore[arg-type]
 
 
 def test_round_trip_is_exact(tmp_path: Path) -> None:
-    pixels, labels = _batch()
+    images, labels = _batch()
     path = tmp_path / "verify" / "verify_set.npz"
-    save_verify_set(path, pixels, labels, source="digits", synthetic=False, class_names=["a", "b"])
+    _save(path, images, labels, source="digits", class_names=["a", "b"])
     assert path.is_file() and not list(path.parent.glob("*.tmp"))
     got = load_verify_set(path)
     assert got.pixels.dtype == np.float32 and got.pixels.flags.c_contiguous
-    assert got.pixels.tobytes() == pixels.tobytes()
+    assert got.pixels.shape == (5, 3, 4, 4)
+    assert got.pixels.tobytes() == normalize(images, MEAN, STD).tobytes()
     assert got.labels.dtype == np.int64 and got.labels.tolist() == labels.tolist()
     assert (got.source, got.synthetic, got.class_names) == ("digits", False, ["a", "b"])
     assert len(got) == 5
+    first = load_verify_set(path, 2)  # the first samples only (parity checks), nothing else decoded
+    assert first.pixels.tobytes() == got.pixels[:2].tobytes() and first.labels.tolist() == [0, 1]
 
 
 def test_same_content_same_bytes(tmp_path: Path) -> None:
     """Fixed zip timestamps: re-saving equal content gives an equal digest (resume relies on it)."""
-    pixels, labels = _batch()
+    images, labels = _batch()
     for name in ("a.npz", "b.npz"):
-        save_verify_set(tmp_path / name, pixels, labels, source="s", synthetic=True, class_names=[])
+        _save(tmp_path / name, images, labels, synthetic=True)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     got = load_verify_set(tmp_path / "b.npz")
     assert got.synthetic is True and got.class_names == []
 
 
 def test_path_without_npz_suffix_is_kept(tmp_path: Path) -> None:
-    pixels, labels = _batch()
-    save_verify_set(tmp_path / "batch", pixels, labels, source="s", synthetic=False, class_names=[])
+    images, labels = _batch()
+    _save(tmp_path / "batch", images, labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch"]
     assert load_verify_set(tmp_path / "batch").pixels.shape == (5, 3, 4, 4)
 
 
 def test_save_refuses_wrong_arrays(tmp_path: Path) -> None:
-    pixels, labels = _batch()
-    with pytest.raises(ValueError, match="float32"):
-        save_verify_set(
-            tmp_path / "v.npz",
-            pixels.astype(np.float64),
-            labels,
-            source="s",
-            synthetic=False,
-            class_names=[],
-        )
+    images, labels = _batch()
+    with pytest.raises(ValueError, match=r"uint8 \(N, H, W, 3\)"):
+        _save(tmp_path / "v.npz", images.astype(np.float32), labels)
+    with pytest.raises(ValueError, match=r"uint8 \(N, H, W, 3\)"):
+        _save(tmp_path / "v.npz", images.transpose(0, 3, 1, 2), labels)  # NCHW
     with pytest.raises(ValueError, match=r"shaped \(5,\)"):
-        save_verify_set(
-            tmp_path / "v.npz", pixels, labels[:3], source="s", synthetic=False, class_names=[]
-        )
+        _save(tmp_path / "v.npz", images, labels[:3])
     assert not (tmp_path / "v.npz").exists()
+
+
+def test_a_float32_file_of_an_older_xpdeploy_is_read_as_it_is(tmp_path: Path) -> None:
+    """Run folders and bundles written before images were stored hold the model input itself."""
+    pixels = np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    write_npz(tmp_path / "old.npz", {
+        "pixels": pixels, "labels": np.arange(3, dtype=np.int64), "source": np.array("s"),
+        "synthetic": np.array(False), "class_names": np.array(["a"])})
+    got = load_verify_set(tmp_path / "old.npz")
+    assert got.pixels.tobytes() == pixels.tobytes() and got.labels.tolist() == [0, 1, 2]
+    assert load_verify_set(tmp_path / "old.npz", 2).pixels.tobytes() == pixels[:2].tobytes()
+    # make_bundle tells such a run how to store its images (a bundle 4-7 times smaller)
+    _save(tmp_path / "new.npz", *_batch())
+    assert holds_float32(tmp_path / "old.npz") and not holds_float32(tmp_path / "new.npz")
+    assert not holds_float32(tmp_path / "missing.npz")
+
+
+def test_a_file_with_neither_images_nor_pixels(tmp_path: Path) -> None:
+    write_npz(tmp_path / "v.npz", {
+        "labels": np.arange(3, dtype=np.int64), "source": np.array("s"),
+        "synthetic": np.array(False), "class_names": np.array(["a"])})
+    with pytest.raises(DataError) as e:
+        load_verify_set(tmp_path / "v.npz")
+    assert str(e.value) == (
+        f"verification set {tmp_path / 'v.npz'} holds neither images (png, png_offsets, "
+        "image_shape, mean, std, layout missing) nor pixels; rerun the 'load' stage with --force "
+        "to write it again")
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -92,9 +126,9 @@ def test_file_missing_keys(tmp_path: Path) -> None:
 
 
 def test_truncated_file(tmp_path: Path) -> None:
-    pixels, labels = _batch()
+    images, labels = _batch()
     path = tmp_path / "v.npz"
-    save_verify_set(path, pixels, labels, source="s", synthetic=False, class_names=[])
+    _save(path, images, labels)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DataError, match="is unreadable"):
         load_verify_set(path)

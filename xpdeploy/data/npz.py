@@ -32,10 +32,11 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     write_with(path, writer)
 
 
-def read_npz(path: str | Path, keys: tuple[str, ...], *, what: str, fix: str
-             ) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of ``path``, loaded; ``what`` names the file in errors ("verification
-    set"), ``fix`` says what to do about a missing or unreadable one."""
+def read_npz(path: str | Path, keys: tuple[str, ...], *, what: str, fix: str,
+             optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of ``path``, loaded, and those of ``optional`` the file has; ``what``
+    names the file in errors ("verification set"), ``fix`` says what to do about a missing or
+    unreadable one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist; {fix}")
@@ -47,7 +48,7 @@ def read_npz(path: str | Path, keys: tuple[str, ...], *, what: str, fix: str
                     f"{what} {path} lacks {', '.join(missing)} (has: "
                     f"{', '.join(z.files) or 'nothing'}); {fix}"
                 )
-            return {k: z[k] for k in keys}
+            return {k: z[k] for k in (*keys, *optional) if k in z.files}
     except DataError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:

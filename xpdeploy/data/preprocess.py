@@ -18,12 +18,17 @@ Steps, in this order:
    Skipped when the image already has that size, so an image at the input size with
    ``crop_pct=1`` is only normalised.
 3. Centre crop to ``H x W`` pixels (skipped when the image already is ``H x W``).
-4. ``(x / 255 - mean) / std`` per channel in float32, channels first.
+4. ``(x / 255 - mean) / std`` per channel in float32, channels first (:func:`normalize`).
+
+Steps 1-3 give the uint8 image a stored image set keeps (the verification set, calibration
+batches: :mod:`xpdeploy.data.image_set`); step 4 is the one function that turns it into model
+input, on the host and on the device alike.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -106,7 +111,7 @@ def preprocess_image(img: Image.Image, cfg: DataConfig) -> np.ndarray:
     ``cfg.input_size`` is (channels, height, width) in pixels; ``mean`` and ``std`` are per channel
     on the 0..1 scale. The result is C-contiguous and the same bytes on every machine.
     """
-    return normalize(np.asarray(eval_geometry(img, cfg)), cfg)
+    return normalize(np.asarray(eval_geometry(img, cfg)), cfg.mean, cfg.std)
 
 
 def eval_geometry(img: Image.Image, cfg: DataConfig) -> Image.Image:
@@ -128,8 +133,15 @@ def eval_geometry(img: Image.Image, cfg: DataConfig) -> Image.Image:
     return rgb
 
 
-def normalize(hwc: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, H, W) as ``(x / 255 - mean) / std``, all in float32."""
-    x = hwc.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) as ``(x / 255 - mean) / std``, all in float32.
+
+    The only place pixels become model input: :func:`preprocess_image`, training augmentation and
+    the stored image sets (:mod:`xpdeploy.data.image_set`, on a torch-free device too) all call
+    it, so the same uint8 image gives the same float32 bytes everywhere. Each operation is one
+    IEEE float32 operation per element, so a batch gives the same bytes as its images one by one.
+    ``mean`` and ``std`` are per RGB channel on the 0..1 scale.
+    """
+    x = np.asarray(images).astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))

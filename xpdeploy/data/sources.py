@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from xpdeploy.data.listing import IMAGE_EXTENSIONS, class_dirs, images_under, is_image
-from xpdeploy.data.preprocess import preprocess_image, to_rgb
+from xpdeploy.data.preprocess import eval_geometry, preprocess_image, to_rgb
 from xpdeploy.errors import DataError
 
 if TYPE_CHECKING:
@@ -63,6 +63,12 @@ class SourceSplit(Dataset):
         """
         raise NotImplementedError
 
+    def eval_image(self, index: int) -> np.ndarray:
+        """Sample ``index`` as uint8 (H, W, 3) after the evaluation resize and crop, before the
+        normalisation: what a stored image set keeps (:mod:`xpdeploy.data.image_set`);
+        :func:`~xpdeploy.data.preprocess.normalize` of it equals ``self[index][0]``."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(source={self.source!r}, samples={len(self)}, "
@@ -91,6 +97,9 @@ class ImageFolderSplit(SourceSplit):
 
     def load_image(self, index: int) -> Image.Image:
         return self._decode(index, to_rgb)
+
+    def eval_image(self, index: int) -> np.ndarray:
+        return self._decode(index, lambda img: np.asarray(eval_geometry(img, self.data_config)))
 
     def _decode(self, index: int, use: Callable[[Image.Image], T]) -> T:
         """Open and decode file ``index`` and return ``use(image)``.
@@ -140,6 +149,9 @@ class ArraySplit(SourceSplit):
 
     def load_image(self, index: int) -> Image.Image:
         return to_rgb(Image.fromarray(self.images[index]))
+
+    def eval_image(self, index: int) -> np.ndarray:
+        return np.asarray(eval_geometry(Image.fromarray(self.images[index]), self.data_config))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         # A copy, so a caller that edits a sample in place cannot corrupt the cache.

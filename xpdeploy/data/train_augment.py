@@ -272,7 +272,7 @@ class AugmentedSplit(Dataset):
         """Image level: decode, geometry + flip + RandAugment, normalise, then ``crop_padding``."""
         assert self._image_transform is not None
         image = self._image_transform(self.split.load_image(index))
-        pixels = normalize(np.asarray(image), self.data_config)
+        pixels = normalize(np.asarray(image), self.data_config.mean, self.data_config.std)
         # The flip already happened on the image; a padded-crop shift still applies if asked for.
         return self._shift(pixels, rng, hflip=False)
 

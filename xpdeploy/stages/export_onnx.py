@@ -23,7 +23,7 @@ class Settings(StageSettings):
 def run(ctx: StageContext[Settings], model: TorchModel, verify_set: VerifySet,
         pruned: TorchModel | None = None) -> dict[str, Artifact]:
     """Export the original and (when present) the pruned model through the same path."""
-    pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
+    pixels = load_verify_set(ctx.path(verify_set.file), PARITY_SAMPLES).pixels
     out = {m.label: _export(ctx, m, pixels) for m in (model, pruned) if m is not None}
     return {"onnx": OnnxModels(models=out)}
 

@@ -11,7 +11,7 @@ from xpdeploy.models.arch import describe_arch, save_model
 from xpdeploy.models.complexity import count_gmacs, count_params_m
 from xpdeploy.models.data_config import resolve_data_config
 from xpdeploy.models.factory import create_model
-from xpdeploy.progress import log
+from xpdeploy.progress import log, progress
 from xpdeploy.spec import LoadConfig, ModelConfig
 from xpdeploy.stages.context import StageContext
 from xpdeploy.stages.fingerprint import DataSettings
@@ -40,10 +40,19 @@ def run(ctx: StageContext[Settings]) -> dict[str, Artifact]:
         log(f"  baseline val top-1 {top1:.2f}% on {len(val)} images")
 
     idx = select_indices(val.labels, spec.data.verify_samples, spec.seed)
-    pixels = np.stack([val[int(i)][0] for i in idx]).astype(np.float32)
+    # uint8 after resize and crop; normalised when read (data/image_set.py), on host and device
+    _, h, w = data_config.input_size
+    images = np.empty((len(idx), h, w, 3), dtype=np.uint8)
+    with progress(len(idx), "verify set") as advance:
+        for row, i in enumerate(idx):
+            images[row] = val.eval_image(int(i))
+            advance()
     verify_path = ctx.stage_dir / "verify.npz"
-    save_verify_set(verify_path, pixels, val.labels[idx].astype(np.int64), source=val.source,
+    save_verify_set(verify_path, images, val.labels[idx].astype(np.int64),
+                    mean=data_config.mean, std=data_config.std, source=val.source,
                     synthetic=val.synthetic, class_names=list(val.class_names))
+    log(f"  verify set: {len(idx)} images, {verify_path.stat().st_size / 2**20:.1f} MiB as uint8 "
+        f"PNG (float32 model input: {len(idx) * h * w * 12 / 2**20:.1f} MiB)")
 
     arch_path, weights_path = save_model(model, arch, ctx.stage_dir)
     gmacs, params_m = count_gmacs(model, data_config.input_size), count_params_m(model)

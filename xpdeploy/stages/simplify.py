@@ -22,7 +22,7 @@ class Settings(StageSettings):
 def run(ctx: StageContext[Settings], onnx: OnnxModels, verify_set: VerifySet
         ) -> dict[str, Artifact]:
     cfg = ctx.settings.simplify
-    pixels = load_verify_set(ctx.path(verify_set.file)).pixels[:PARITY_SAMPLES]
+    pixels = load_verify_set(ctx.path(verify_set.file), PARITY_SAMPLES).pixels
     out = {}
     for label, src in onnx.models.items():
         dst = ctx.stage_dir / f"{label}.sim.onnx"

@@ -27,9 +27,10 @@ from xpdeploy.bundle import (
     make_bundle,
     open_bundle,
     read_bundle,
+    size_report,
 )
 from xpdeploy.cli.bundle import bundle as bundle_cmd
-from xpdeploy.data.calibration import load_npz, make_manifest
+from xpdeploy.data.calibration import load_array, load_npz, make_manifest, read_manifest
 from xpdeploy.errors import DataError, RunFolderError
 from xpdeploy.pipeline import run_pipeline
 from xpdeploy.spec import STAGE_ORDER, load_spec
@@ -98,10 +99,17 @@ def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
                                                        tmp_path: Path) -> None:
     opened = open_bundle(bundled_run.tar, tmp_path / "x")
     assert opened.root == tmp_path / "x"
-    expected = {"pipeline.yaml", "01_load/verify.npz", "06_export_onnx/original.onnx",
-                "06_export_onnx/pruned.onnx", "07_simplify/original.sim.onnx",
+    expected = {"pipeline.yaml", "01_load/verify.npz", "07_simplify/original.sim.onnx",
                 "07_simplify/pruned.sim.onnx", REFERENCE_NPZ, CALIBRATION_NPZ}
     assert set(opened.member_paths()) == expected
+    # One ONNX file per model travels: the exported ones are listed as left out, with why.
+    run = bundled_run.run_dir
+    assert [(p.path, p.size) for p in opened.left_out] == [
+        (f"06_export_onnx/{m}.onnx", (run / "06_export_onnx" / f"{m}.onnx").stat().st_size)
+        for m in ("original", "pruned")]
+    assert all("device builds and verifies the simplified file" in p.reason
+               and "--with-exported" in p.reason for p in opened.left_out)
+    assert "export_onnx" not in opened.recorded()  # the device continues without them
     assert (tmp_path / "x" / BUNDLE_JSON).is_file()
     src = (bundled_run.run_dir / "01_load" / "verify.npz").read_bytes()
     assert opened.path("01_load/verify.npz").read_bytes() == src
@@ -114,9 +122,12 @@ def test_round_trip_packs_every_member_with_its_digest(bundled_run: BundledRun,
     assert set(source_models(opened)) == {"original", "pruned"}
     assert set(opened.stages) == {"load", "train", "prune", "export_onnx", "simplify"}
     assert opened.calibration is not None and opened.calibration.samples == 4
-    assert opened.device_stages == DEVICE_STAGES and opened.format == 3
+    assert opened.device_stages == DEVICE_STAGES and opened.format == 4
     calib = load_npz(opened.path(CALIBRATION_NPZ))
     assert calib.pixels.shape == (4, 3, 16, 16)
+    manifest = read_manifest(bundled_run.run_dir.parent / "calib.txt")
+    cfg = source_models(opened)["original"].data_config
+    assert calib.pixels.tobytes() == load_array(manifest, bundled_run.images, cfg).tobytes()
 
 
 def _rewrite_tar(src: Path, dst: Path, *, change: str | None = None,
@@ -134,8 +145,8 @@ def _rewrite_tar(src: Path, dst: Path, *, change: str | None = None,
 
 def test_a_modified_member_is_named(bundled_run: BundledRun, tmp_path: Path) -> None:
     bad = tmp_path / "bad.tar"
-    _rewrite_tar(bundled_run.tar, bad, change="06_export_onnx/pruned.onnx")
-    with pytest.raises(DataError, match=r"06_export_onnx/pruned\.onnx was modified"):
+    _rewrite_tar(bundled_run.tar, bad, change="07_simplify/pruned.sim.onnx")
+    with pytest.raises(DataError, match=r"07_simplify/pruned\.sim\.onnx was modified"):
         open_bundle(bad, tmp_path / "x")
     opened = open_bundle(bundled_run.tar, tmp_path / "y")
     (tmp_path / "y" / "01_load" / "verify.npz").write_bytes(b"not the verify set")
@@ -195,7 +206,14 @@ def test_cli_prints_summary_and_continuation(bundled_run: BundledRun, tmp_path: 
     out = tmp_path / "dev.tar"
     result = CliRunner().invoke(bundle_cmd, [str(bundled_run.run_dir), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "8 members" in result.output and out.is_file()
+    lines = result.output.splitlines()
+    assert lines[0] == f"bundle {out}: {out.stat().st_size / 2**20:.1f} MiB, 7 files"
+    parts = {line.split("  ")[1].strip() for line in lines[1:7]}
+    assert parts == {"verification set (64 images)", "original.sim.onnx", "pruned.sim.onnx",
+                     "reference logits (torch, per model)", "calibration set (4 images)",
+                     "bundle.json + pipeline.yaml"}
+    assert lines[7].startswith("  left out (") and "listed in bundle.json" in lines[7]
+    assert lines[8].startswith("    06_export_onnx/original.onnx, 06_export_onnx/pruned.onnx: ")
     # The one continuation command (the pipeline's deferral message prints the same line).
     assert continuation_command(out) in result.output
     assert "xpdeploy run dev.tar --stages build_engine,verify,report" in result.output
@@ -212,5 +230,51 @@ def test_a_bundle_of_another_format_is_refused_with_the_fix(bundled_run: Bundled
     opened = open_bundle(bundled_run.tar, tmp_path / "x")
     data = json.loads((tmp_path / "x" / BUNDLE_JSON).read_text())
     (tmp_path / "x" / BUNDLE_JSON).write_text(json.dumps({**data, "format": fmt}))
-    with pytest.raises(DataError, match=f"has format {fmt}, .* reads formats 2, 3; {fix}"):
+    with pytest.raises(DataError, match=f"has format {fmt}, .* reads formats 2, 3, 4; {fix}"):
         read_bundle(opened.root)  # type: ignore[arg-type]
+
+
+def test_with_exported_packs_both_onnx_files_of_each_model(bundled_run: BundledRun,
+                                                           tmp_path: Path) -> None:
+    manifest = make_bundle(bundled_run.run_dir, tmp_path / "all.tar", include_exported=True,
+                           calibration_root=bundled_run.images)
+    assert {"06_export_onnx/original.onnx", "06_export_onnx/pruned.onnx",
+            "07_simplify/original.sim.onnx", "07_simplify/pruned.sim.onnx"} <= set(
+        manifest.member_paths())
+    assert manifest.left_out == []
+    opened = open_bundle(tmp_path / "all.tar", tmp_path / "x")
+    assert set(opened.recorded()) == {"load", "train", "prune", "export_onnx", "simplify"}
+
+
+@pytest.mark.parametrize("name", ["dry.tar", "dry.tar.gz"])
+def test_a_dry_run_sizes_every_part_and_writes_nothing(bundled_run: BundledRun, tmp_path: Path,
+                                                       name: str) -> None:
+    """The dry run's total is the size the real tar then has (a .tar.gz: before gzip)."""
+    out = tmp_path / name
+    result = CliRunner().invoke(bundle_cmd, [str(bundled_run.run_dir), "-o", str(out),
+                                             "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+    head = result.output.splitlines()[0]
+    assert head.startswith(f"bundle {out} (dry run: nothing written): ")
+    assert "continue on the device" not in result.output
+    real = make_bundle(bundled_run.run_dir, out)
+    if name == "dry.tar":
+        assert head.endswith(f": {out.stat().st_size / 2**20:.1f} MiB, 7 files")
+        dry = make_bundle(bundled_run.run_dir, tmp_path / "again.tar", dry_run=True)
+        assert dry.tar_bytes == real.tar_bytes == out.stat().st_size
+        assert not (tmp_path / "again.tar").exists()
+    else:
+        assert head.endswith(" MiB before gzip, 7 files")
+    lines = size_report(real, out)
+    assert lines[0].startswith(f"{out}: ") and all(line.startswith("  ") for line in lines[1:])
+
+
+def test_the_cli_needs_an_out_file_unless_dry_run(bundled_run: BundledRun) -> None:
+    result = CliRunner().invoke(bundle_cmd, [str(bundled_run.run_dir)])
+    assert result.exit_code == 1
+    assert result.output == ("error: missing -o/--out: name the bundle file, e.g. -o bundle.tar "
+                             "(or pass --dry-run to only size it)\n")
+    dry = CliRunner().invoke(bundle_cmd, [str(bundled_run.run_dir), "--dry-run"])
+    assert dry.exit_code == 0 and f"bundle {bundled_run.run_dir / 'bundle.tar'} (dry run" in (
+        dry.output)

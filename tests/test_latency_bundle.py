@@ -42,6 +42,7 @@ from xpdeploy.bundle import (
     open_bundle,
     plan_command,
     read_bundle,
+    size_report,
 )
 from xpdeploy.cli import cli
 from xpdeploy.device_run import parse_stages
@@ -167,6 +168,13 @@ def test_the_latency_bundle_holds_the_grid_and_no_verification(measured: Measure
     assert set(opened.member_paths()) == expected
     assert len(grid.shapes) == 1 and len(grid.shapes[0].points) == HEADS * MLP // STEP
     assert len(grid.validation) == 2
+    # The size report sums the grid's many files per folder instead of listing each.
+    sized = head.model_copy(update={"tar_bytes": measured.tar.stat().st_size})
+    lines = size_report(sized, measured.tar)
+    blocks = [line for line in lines if "latency grid: blocks/" in line]
+    assert len(blocks) == 1 and blocks[0].endswith(f"({HEADS * MLP // STEP} files)")
+    assert any("latency grid: models/" in line for line in lines)
+    assert not any("left out" in line for line in lines)
     # An older (format-2) bundle.json has no device_stages: it is an engine bundle.
     data = json.loads((tmp_path / "x" / BUNDLE_JSON).read_text())
     del data["device_stages"]

@@ -8,13 +8,25 @@ simplify and verify done on the host) so that a device (a Jetson without torch) 
 and verify them against the host's numbers::
 
     bundle.json                       BundleManifest: members with sha256 and size, the outputs
-                                      of every host stage (as their manifests recorded them)
+                                      of every host stage (as their manifests recorded them),
+                                      the parts left out and why
     pipeline.yaml                     the resolved pipeline
-    01_load/verify.npz                fixed verification pixels and labels
-    06_export_onnx/<label>.onnx       every exported ONNX file
-    07_simplify/<label>.sim.onnx      every simplified ONNX file (when the stage ran)
+    01_load/verify.npz                fixed verification images (uint8 PNG, resized and cropped)
+                                      with their normalisation, and labels
+    07_simplify/<label>.sim.onnx      the ONNX file per model the device uses: the simplified
+                                      one when the stage ran,
+    06_export_onnx/<label>.onnx       else the exported one (both with ``include_exported``)
     reference_logits.npz              torch logits per source model ('original', 'pruned')
-    calibration.npz                   preprocessed INT8 calibration pixels (when configured)
+    calibration.npz                   INT8 calibration images (uint8 PNG, as the verification set)
+                                      with their normalisation (when configured)
+
+Images travel as the uint8 images after resize and crop (:mod:`xpdeploy.data.image_set`) and
+become model input through the one ``normalize`` function on the device as on the host, so every
+runner there is fed the float32 bytes the host's were: 1,000 images at 224 px took 84 MB instead
+of 602 MB in bench/lean_bundle.py. The exported ONNX files stay on the host by default: with ``simplify`` in the
+pipeline the device builds and verifies the simplified ones, and the exported files are the same
+model (``simplify`` checked their parity on the host). ``bundle.json`` lists what was left out
+(``left_out``) and :func:`size_report` states the size of every part.
 
 A **latency bundle** (:data:`LATENCY_STAGES`) packs a run that finished ``latency_blocks``, so
 that the device measures the latency table of its own runtime (TensorRT) for the host to plan
@@ -33,12 +45,13 @@ folder the device's own verify writes.
 The tar is plain by default: ONNX weights are float32 noise to a compressor (a few percent saved for
 a lot of CPU on a small device); ``.tar.gz`` / ``.tgz`` compresses when asked.
 
-Torch-free (standard library, numpy, yaml, pydantic): ``open_bundle`` runs on the device.
+Torch-free (standard library, numpy, Pillow, yaml, pydantic): ``open_bundle`` runs on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import tarfile
 import tempfile
@@ -50,16 +63,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xpdeploy import __version__
 from xpdeploy.artifacts import Artifact, BundleOrigin, ReferenceLogits, TorchModel
+from xpdeploy.data import image_set
 from xpdeploy.errors import ConfigError, DataError, RunFolderError
 from xpdeploy.fileio import atomic_path, sha256_file
-from xpdeploy.runfolder import RESOLVED_PIPELINE, RunFolder, now_iso, parse_outputs
+from xpdeploy.progress import log
+from xpdeploy.runfolder import (
+    RESOLVED_PIPELINE,
+    RunFolder,
+    now_iso,
+    parse_outputs,
+    stage_folder_name,
+)
 from xpdeploy.spec import STAGE_ORDER, PipelineSpec, load_spec
 
 #: Bundle layout version written (and the newest one read). 3: ``device_stages`` (latency
-#: bundles), ``reference`` optional.
-BUNDLE_FORMAT = 3
-#: Layout versions read: a format-2 bundle is an engine bundle (:data:`DEVICE_STAGES`).
-READ_FORMATS: tuple[int, ...] = (2, 3)
+#: bundles), ``reference`` optional. 4: images as uint8 PNG with their normalisation, ``left_out``.
+BUNDLE_FORMAT = 4
+#: Layout versions read: a format-2 bundle is an engine bundle (:data:`DEVICE_STAGES`); formats 2
+#: and 3 hold float32 pixels, which the device reads as they are.
+READ_FORMATS: tuple[int, ...] = (2, 3, 4)
 BUNDLE_JSON = "bundle.json"
 CALIBRATION_NPZ = "calibration.npz"
 REFERENCE_NPZ = "reference_logits.npz"
@@ -86,6 +108,17 @@ class BundleMember(BaseModel):
     path: str
     sha256: str
     size: int
+
+
+class LeftOut(BaseModel):
+    """A file of a host stage's outputs that the bundle does not carry, and why (``bundle.json``
+    lists them, so the device and a reader know what is absent on purpose)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="run-folder relative (posix)")
+    size: int = Field(description="bytes on the host")
+    reason: str
 
 
 class CalibrationInfo(BaseModel):
@@ -131,7 +164,12 @@ class BundleManifest(BaseModel):
     reference: ReferenceLogits | None = Field(
         None, description="the host's torch logits (a member); engine bundles only")
     calibration: CalibrationInfo | None = None
+    left_out: list[LeftOut] = Field(
+        default_factory=list, description="host outputs' files not packed, and why")
     root: Path | None = Field(None, exclude=True)
+    tar_bytes: int | None = Field(
+        None, exclude=True, description="size of the tar make_bundle wrote, or in a dry run would "
+        "write (None: a compressed tar in a dry run, whose size only gzip knows)")
 
     def path(self, member: str) -> Path:
         """Absolute path of a member in the extracted bundle."""
@@ -148,10 +186,21 @@ class BundleManifest(BaseModel):
         return parse_outputs({"outputs": entries})
 
     def recorded(self) -> dict[str, dict[str, tuple[Artifact, str]]]:
-        """Stage -> output name -> (artifact, digest the host recorded), for the executor."""
-        return {stage: {name: (artifact, self.stages[stage][name].digest)
-                        for name, artifact in self.outputs(stage).items()}
-                for stage in self.stages}
+        """Stage -> output name -> (artifact, digest the host recorded), for the executor.
+
+        An output whose files were left out (``left_out``: the exported ONNX files by default) is
+        not handed on, and a stage left without outputs is dropped: the device continues with
+        what it has, as if the host's pipeline had not had it (no candidates for those files).
+        """
+        absent = {p.path for p in self.left_out}
+        out: dict[str, dict[str, tuple[Artifact, str]]] = {}
+        for stage in self.stages:
+            kept = {name: (artifact, self.stages[stage][name].digest)
+                    for name, artifact in self.outputs(stage).items()
+                    if not absent.intersection(artifact.files())}
+            if kept or not self.stages[stage]:
+                out[stage] = kept
+        return out
 
     def origin(self) -> BundleOrigin:
         return BundleOrigin(pipeline=self.pipeline, source_run=self.source_run,
@@ -251,10 +300,10 @@ def _calibration(
     path = spec.build_engine.calibration if spec.build_engine else None
     if path is None:
         return None
-    pixels, manifest = cal.load_configured(path, model.data_config, root)
-    cal.save_npz(out, pixels, manifest)
+    images, manifest = cal.load_configured(path, model.data_config, root)
+    cal.save_npz(out, images, manifest, model.data_config)
     return CalibrationInfo(manifest=str(path), manifest_sha256=manifest.digest(),
-                           samples=len(pixels))
+                           samples=len(images))
 
 
 def _member(rel: str, file: Path) -> BundleMember:
@@ -281,14 +330,18 @@ def _reset_owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def make_bundle(
     run_dir: str | Path, out_tar: str | Path, *, stages: tuple[str, ...] = DEVICE_STAGES,
-    calibration_root: str | Path | None = None,
+    calibration_root: str | Path | None = None, include_exported: bool = False,
+    dry_run: bool = False,
 ) -> BundleManifest:
     """Pack a run folder into ``out_tar`` for the device stages ``stages`` (one of
     :data:`BUNDLE_KINDS`): an engine bundle needs export, simplify and verify finished, a latency
     bundle ``latency_blocks`` (module doc).
 
     ``calibration_root``: the folder the calibration manifest's paths are relative to (default:
-    the ``source`` recorded in the manifest). The tar is written atomically (temp file + rename).
+    the ``source`` recorded in the manifest). ``include_exported``: pack the exported ONNX files
+    next to the simplified ones (module doc). ``dry_run``: check and size everything (the
+    calibration set is read and compressed, to know its size) but write no tar; the manifest says
+    what it would hold (:func:`size_report`). The tar is written atomically (temp file + rename).
     """
     if stages not in BUNDLE_KINDS:
         raise ConfigError(f"a bundle continues with {' or '.join(map(','.join, BUNDLE_KINDS))}, "
@@ -322,12 +375,18 @@ def make_bundle(
                         for name, entry in manifest["outputs"].items()}
                 for stage, manifest in manifests.items()}
     reference = None
+    left_out: list[LeftOut] = []
     if stages == LATENCY_STAGES:
         packed = [RESOLVED_PIPELINE, *_files_of(outputs, "latency_blocks")]
     else:
         reference = _reference(folder, recorded)
-        packed = [RESOLVED_PIPELINE, *outputs["load"]["verify_set"].files(),
-                  *_files_of(outputs, "export_onnx", "simplify")]
+        onnx, left_out = _device_onnx(outputs, run_dir, include_exported)
+        verify_files = outputs["load"]["verify_set"].files()
+        packed = [RESOLVED_PIPELINE, *verify_files, *onnx]
+        if any(image_set.holds_float32(run_dir / f) for f in verify_files):
+            log(f"[bundle] {verify_files[0]} holds float32 pixels (written by an older "
+                "xpdeploy, 4 to 7 times the size of today's images); to shrink the bundle, "
+                f"store it again with {_finish_hint(run_dir)} --from load")
     sources = {rel: run_dir / rel for rel in packed}
     if reference is not None:
         sources[REFERENCE_NPZ] = run_dir / reference.file
@@ -345,11 +404,29 @@ def make_bundle(
             created=now_iso(), members=[_member(rel, f) for rel, f in sources.items()],
             stages=recorded, device_stages=stages,
             reference=reference and reference.model_copy(update={"file": REFERENCE_NPZ}),
-            calibration=calibration,
+            calibration=calibration, left_out=left_out,
         )
         (staging / BUNDLE_JSON).write_text(_manifest_json(manifest))
-        _write_tar(out_tar, mode, {BUNDLE_JSON: staging / BUNDLE_JSON, **sources})
-    return manifest
+        members = {BUNDLE_JSON: staging / BUNDLE_JSON, **sources}
+        if dry_run:
+            size = _plain_tar_bytes(members) if mode == "w" else None
+        else:
+            _write_tar(out_tar, mode, members)
+            size = out_tar.stat().st_size
+    return manifest.model_copy(update={"tar_bytes": size})
+
+
+def _device_onnx(outputs: dict[str, dict[str, Artifact]], run_dir: Path, include_exported: bool
+                 ) -> tuple[list[str], list[LeftOut]]:
+    """The ONNX files an engine bundle packs, and those it leaves out: one file per model, the
+    simplified one when ``simplify`` ran (all of them with ``include_exported``)."""
+    exported = _files_of(outputs, "export_onnx")
+    if "simplify" not in outputs or include_exported:
+        return [*exported, *_files_of(outputs, "simplify")], []
+    reason = ("exported ONNX file: the device builds and verifies the simplified file of the same "
+              "model (simplify checked their parity on the host); --with-exported packs it too")
+    return _files_of(outputs, "simplify"), [
+        LeftOut(path=rel, size=(run_dir / rel).stat().st_size, reason=reason) for rel in exported]
 
 
 def _files_of(outputs: dict[str, dict[str, Artifact]], *stages: str) -> list[str]:
@@ -386,11 +463,79 @@ def _manifest_json(manifest: BundleManifest) -> str:
     return json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
+def _plain_tar_bytes(sources: dict[str, Path]) -> int:
+    """Bytes of the plain tar :func:`_write_tar` writes from ``sources``, without writing it:
+    each member's header as tarfile encodes it (a pax header included where one is needed), its
+    data padded to whole blocks, the two end blocks, all padded to tarfile's record size."""
+    total = 2 * tarfile.BLOCKSIZE
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as tar:
+        for arcname, src in sources.items():
+            info = _reset_owner(tar.gettarinfo(src, arcname=arcname))
+            total += len(info.tobuf(tar.format, tar.encoding, tar.errors))
+            total += -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return -(-total // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def _write_tar(out_tar: Path, mode: str, sources: dict[str, Path]) -> None:
     """``bundle.json`` first (a reader can stop after it), then the members in order."""
     with atomic_path(out_tar) as tmp, tarfile.open(tmp, mode) as tar:
         for arcname, src in sources.items():
             tar.add(src, arcname=arcname, recursive=False, filter=_reset_owner)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes
+
+
+_MIB = 2**20
+
+
+def _part_of(path: str, manifest: BundleManifest) -> str:
+    """The part of the bundle a member belongs to, as the size report names it."""
+    if path in (BUNDLE_JSON, RESOLVED_PIPELINE):
+        return "bundle.json + pipeline.yaml"
+    if path == REFERENCE_NPZ:
+        return "reference logits (torch, per model)"
+    if path == CALIBRATION_NPZ:
+        samples = manifest.calibration.samples if manifest.calibration else "?"
+        return f"calibration set ({samples} images)"
+    verify = manifest.stages.get("load", {}).get("verify_set")
+    if verify is not None and path == verify.artifact.get("file"):
+        return f"verification set ({verify.artifact.get('samples', '?')} images)"
+    parts = PurePosixPath(path).parts
+    if len(parts) > 2 and parts[0] == stage_folder_name("latency_blocks"):
+        return f"latency grid: {parts[1]}/"
+    return PurePosixPath(path).name
+
+
+def size_report(manifest: BundleManifest, out_tar: str | Path, *, dry_run: bool = False
+                ) -> list[str]:
+    """Lines that state the bundle's size per part (MiB), its total, and what was left out; the
+    first is ``OUT_TAR: TOTAL, N files``, the others are indented.
+
+    For the end of a run and for ``xpdeploy bundle`` (``--dry-run``: nothing was written).
+    """
+    sizes: dict[str, list[int]] = {}
+    json_bytes = len(_manifest_json(manifest).encode())
+    for path, size in [(BUNDLE_JSON, json_bytes), *((m.path, m.size) for m in manifest.members)]:
+        sizes.setdefault(_part_of(path, manifest), []).append(size)
+    width = max(len(part) for part in sizes)
+    total = manifest.tar_bytes
+    head = (f"{out_tar}" + (" (dry run: nothing written)" if dry_run else "") + ": "
+            + (f"{total / _MIB:.1f} MiB" if total is not None else
+               f"{sum(map(sum, sizes.values())) / _MIB:.1f} MiB before gzip")
+            + f", {len(manifest.members) + 1} files")
+    lines = [head]
+    for part, files in sorted(sizes.items(), key=lambda kv: -sum(kv[1])):
+        count = f"  ({len(files)} files)" if len(files) > 1 else ""
+        lines.append(f"  {part:<{width}}  {sum(files) / _MIB:8.2f} MiB{count}")
+    if manifest.left_out:
+        gone = sum(p.size for p in manifest.left_out)
+        lines.append(f"  left out ({gone / _MIB:.1f} MiB, listed in bundle.json):")
+        for reason in dict.fromkeys(p.reason for p in manifest.left_out):
+            paths = [p.path for p in manifest.left_out if p.reason == reason]
+            lines.append(f"    {', '.join(paths)}: {reason}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------

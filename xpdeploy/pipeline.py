@@ -364,12 +364,14 @@ def write_device_bundle(ex: StageExecutor, root: Path) -> Path | None:
     if not (ex.wants("verify") and (ex.folder.stage_dir("verify") / "manifest.json").is_file()):
         log("[bundle] not written: the device bundle needs the verify stage; run without --until")
         return None
-    from xpdeploy.bundle import continuation_command, make_bundle
+    from xpdeploy.bundle import continuation_command, make_bundle, size_report
 
     out = root / DEVICE_BUNDLE
     manifest = make_bundle(root, out)
-    mib = sum(m.size for m in manifest.members) / 2**20
-    log(f"[bundle] {out}: {len(manifest.members)} files, {mib:.1f} MiB ({ex.engines.reason})")
+    head, *parts = size_report(manifest, out)
+    log(f"[bundle] {head} ({ex.engines.reason})")
+    for line in parts:
+        log(line)
     log("  copy it to the device and continue there, in its folder (docker/README.md):")
     log(f"    {continuation_command(out)}")
     log("  (builds the TensorRT engines there, then verifies them and the ONNX files against "

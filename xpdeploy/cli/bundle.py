@@ -1,6 +1,7 @@
 """Command line: ``xpdeploy bundle RUN_DIR -o OUT.tar [--stages ...]`` packs a run for a
 torch-free device: an engine bundle (build_engine, verify, report) by default, a latency bundle
-with ``--stages latency_table`` (:mod:`xpdeploy.bundle`).
+with ``--stages latency_table`` (:mod:`xpdeploy.bundle`). It states the bundle's size per part;
+``--dry-run`` only does that.
 
 Errors follow :mod:`xpdeploy.cli.guard`: one stderr line, exit code 1, no traceback. Registered on
 the main group with ``cli.add_command(bundle)``; imports no torch.
@@ -14,15 +15,12 @@ import click
 
 from xpdeploy.cli.guard import guarded
 
-_MIB = 1024 * 1024
-#: Members listed one per line; the rest are summed up in one line.
-_LISTED = 12
-
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Bundle file: .tar (recommended, ONNX hardly compresses), .tar.gz or .tgz.")
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False),
+              help="Bundle file: .tar (recommended, ONNX hardly compresses), .tar.gz or .tgz. "
+                   "Required unless --dry-run (then default: RUN_DIR/bundle.tar).")
 @click.option("--calibration-root", type=click.Path(path_type=Path, file_okay=False),
               help="Folder the calibration manifest's paths are relative to (default: the "
                    "source recorded in the manifest).")
@@ -30,20 +28,40 @@ _LISTED = 12
               help="What the device continues with: build_engine,verify,report (the default; "
                    "RUN_DIR finished verify) or latency_table (RUN_DIR finished latency_blocks: "
                    "the device measures the latency table).")
+@click.option("--with-exported", is_flag=True,
+              help="Pack the exported ONNX files too (by default only the simplified file of "
+                   "each model travels when the pipeline simplifies; the device then also "
+                   "verifies the exported ones).")
+@click.option("--dry-run", is_flag=True,
+              help="State the bundle's size per part and what it leaves out; write nothing.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bundle(run_dir: Path, out: Path, calibration_root: Path | None, device_stages: str | None,
-           debug: bool) -> None:
-    """Pack RUN_DIR for a torch-free device (see --stages)."""
-    from xpdeploy.bundle import bundle_stages, continuation_command, make_bundle
+def bundle(run_dir: Path, out: Path | None, calibration_root: Path | None,
+           device_stages: str | None, with_exported: bool, dry_run: bool, debug: bool) -> None:
+    """Pack RUN_DIR for a torch-free device (see --stages) and state its size per part."""
+    from xpdeploy.bundle import (
+        BundleManifest,
+        bundle_stages,
+        continuation_command,
+        make_bundle,
+        size_report,
+    )
+    from xpdeploy.errors import ConfigError
 
-    manifest = guarded(debug, lambda: make_bundle(
-        run_dir, out, stages=bundle_stages(device_stages), calibration_root=calibration_root))
-    total = sum(m.size for m in manifest.members)
-    click.echo(f"bundle {out}: {len(manifest.members)} members, {total / _MIB:.1f} MiB")
-    for m in manifest.members[:_LISTED]:
-        click.echo(f"  {m.path}  {m.size / _MIB:.2f} MiB")
-    rest = manifest.members[_LISTED:]
-    if rest:  # a latency bundle holds hundreds of block files
-        click.echo(f"  ... and {len(rest)} more, {sum(m.size for m in rest) / _MIB:.1f} MiB")
+    def pack() -> tuple[Path, BundleManifest]:
+        if out is None and not dry_run:
+            raise ConfigError("missing -o/--out: name the bundle file, e.g. -o bundle.tar "
+                              "(or pass --dry-run to only size it)")
+        target = out if out is not None else run_dir / "bundle.tar"
+        return target, make_bundle(run_dir, target, stages=bundle_stages(device_stages),
+                                   calibration_root=calibration_root,
+                                   include_exported=with_exported, dry_run=dry_run)
+
+    target, manifest = guarded(debug, pack)
+    head, *parts = size_report(manifest, target, dry_run=dry_run)
+    click.echo(f"bundle {head}")
+    for line in parts:
+        click.echo(line)
+    if dry_run:
+        return
     click.echo("continue on the device with:")
-    click.echo(f"  {continuation_command(out, manifest.device_stages)}")
+    click.echo(f"  {continuation_command(target, manifest.device_stages)}")

@@ -28,13 +28,17 @@ class Settings(StageSettings):
 
 def run(
     ctx: StageContext[Settings],
-    onnx: OnnxModels,
     model: TorchModel,
+    onnx: OnnxModels | None = None,
     simplified: OnnxModels | None = None,
     pruned: TorchModel | None = None,
 ) -> dict[str, Artifact]:
+    """``onnx``: the exported files (None on a device whose bundle left them out: it builds from
+    ``simplified``)."""
     cfg = ctx.settings.build_engine
     assert cfg is not None  # PipelineSpec.check_runnable
+    deployable = simplified or onnx
+    assert deployable is not None  # the pipeline exports before it builds engines
     version = detect()
     if version is None:
         if cfg.required:
@@ -43,16 +47,16 @@ def run(
                 ", or set build_engine.required: false to continue on the device from a bundle"
             )
         reason = "TensorRT is not installed here"
-        files = len(onnx.models) + (len(simplified.models) if simplified else 0)
-        log(f"  {reason}: the {cfg.precision} engines for {files} ONNX files are deferred to the "
-            "device; the run ends with a device bundle")
+        log(f"  {reason}: the {cfg.precision} engines of {len(deployable.models)} ONNX files "
+            f"({', '.join(m.file.rsplit('/', 1)[-1] for m in deployable.models.values())}) are "
+            "deferred to the device; the run ends with a device bundle")
         return {"engines": EngineSet(deferred=True, reason=reason, precision=cfg.precision)}
 
     from xpdeploy.backends.cuda_memory import load_backend
     from xpdeploy.engine.engines import build_engines, engine_sources
 
     models = {m.label: m for m in (model, pruned) if m is not None}
-    sources = engine_sources(simplified or onnx, models)
+    sources = engine_sources(deployable, models)
     calibration = None
     if cfg.calibration is not None:
         from xpdeploy.data.calibration import load_for_engine

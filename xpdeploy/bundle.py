@@ -23,10 +23,10 @@ and verify them against the host's numbers::
 Images travel as the uint8 images after resize and crop (:mod:`xpdeploy.data.image_set`) and
 become model input through the one ``normalize`` function on the device as on the host, so every
 runner there is fed the float32 bytes the host's were: 1,000 images at 224 px took 84 MB instead
-of 602 MB in bench/lean_bundle.py. The exported ONNX files stay on the host by default: with ``simplify`` in the
-pipeline the device builds and verifies the simplified ones, and the exported files are the same
-model (``simplify`` checked their parity on the host). ``bundle.json`` lists what was left out
-(``left_out``) and :func:`size_report` states the size of every part.
+of 602 MB in bench/lean_bundle.py. The exported ONNX files stay on the host by default: with
+``simplify`` in the pipeline the device builds and verifies the simplified ones, and the exported
+files are the same model (``simplify`` checked their parity on the host). ``bundle.json`` lists
+what was left out (``left_out``) and :func:`size_report` states the size of every part.
 
 A **latency bundle** (:data:`LATENCY_STAGES`) packs a run that finished ``latency_blocks``, so
 that the device measures the latency table of its own runtime (TensorRT) for the host to plan

@@ -24,6 +24,8 @@ DEVICE_MODULES = (
     "xpdeploy.cli.compare",
     "xpdeploy.data.calibration",
     "xpdeploy.data.preprocess",
+    "xpdeploy.data.image_set",
+    "xpdeploy.data.verify_set",
     "xpdeploy.data.npz",
     "xpdeploy.report.compare",
     "xpdeploy.environment",

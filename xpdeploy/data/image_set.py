@@ -93,13 +93,6 @@ def encode(images: np.ndarray, mean: Sequence[float], std: Sequence[float]
     }
 
 
-def count(arrays: Mapping[str, np.ndarray]) -> int:
-    """How many images (or legacy samples) the arrays hold, without decoding any."""
-    if LEGACY_KEY in arrays:
-        return len(arrays[LEGACY_KEY])
-    return max(len(arrays["png_offsets"]) - 1, 0)
-
-
 def decode_images(arrays: Mapping[str, np.ndarray], *, what: str, fix: str) -> np.ndarray:
     """The stored uint8 (N, H, W, 3) images; a damaged set is a DataError naming ``what``."""
     png, offsets, shape = _checked(arrays, what=what, fix=fix)
